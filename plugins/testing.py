@@ -48,8 +48,13 @@ def nan_of(dtype: torch.dtype):
 
 
 def make_case(ctx_lens, new_lens, num_q_heads, num_kv_heads, head_size, block_size=16,
-              dtype=torch.float16, kv_cache_dtype="auto", device="cpu", seed=0, spare_blocks=3) -> Case:
-    g = torch.Generator().manual_seed(seed)
+              dtype=torch.float16, kv_cache_dtype="auto", device="cpu", seed=0, spare_blocks=3,
+              keep_context=True) -> Case:
+    """Tensors are drawn on `device` directly (big cases stay fast); keep_context=False leaves
+    ctx_k/ctx_v empty (they are only needed by naive_attention_f64)."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(seed)  # small host-side choices
+    gd = torch.Generator(device=dev).manual_seed(seed)  # tensor data
     B = len(ctx_lens)
     total = [c + n for c, n in zip(ctx_lens, new_lens)]
     nblk = [-(-t // block_size) for t in total]
@@ -62,7 +67,9 @@ def make_case(ctx_lens, new_lens, num_q_heads, num_kv_heads, head_size, block_si
     for b in range(B):
         block_tables[b, :nblk[b]] = perm[at:at + nblk[b]].int()
         at += nblk[b]
-    pool = torch.full((num_blocks, 2, num_kv_heads, block_size, head_size), float("nan")).to(pool_dtype)
+    pool = torch.full((num_blocks, 2, num_kv_heads, block_size, head_size), float("nan"), dtype=dtype,
+                      device=dev).to(pool_dtype)
+    bt_dev = block_tables.to(dev)
     if kv_cache_dtype == "fp8_e4m3":
         kv_scales = (0.015 + 0.015 * torch.rand(2, generator=g)).float()
     else:
@@ -70,31 +77,31 @@ def make_case(ctx_lens, new_lens, num_q_heads, num_kv_heads, head_size, block_si
     ctx_k, ctx_v = [], []
     for b in range(B):
         c = ctx_lens[b]
-        kc = torch.randn(c, num_kv_heads, head_size, generator=g)
-        vc = torch.randn(c, num_kv_heads, head_size, generator=g)
+        kc = torch.randn(c, num_kv_heads, head_size, generator=gd, device=dev)
+        vc = torch.randn(c, num_kv_heads, head_size, generator=gd, device=dev)
         if kv_cache_dtype == "fp8_e4m3":
-            ks, vs = quantize_fp8(kc, kv_scales[0]), quantize_fp8(vc, kv_scales[1])
-            ctx_k.append(ks.float() * kv_scales[0]), ctx_v.append(vs.float() * kv_scales[1])
+            ks, vs = quantize_fp8(kc, kv_scales[0].item()), quantize_fp8(vc, kv_scales[1].item())
+            if keep_context:
+                ctx_k.append(ks.float().cpu() * kv_scales[0]), ctx_v.append(vs.float().cpu() * kv_scales[1])
         else:
             ks, vs = kc.to(pool_dtype), vc.to(pool_dtype)
-            ctx_k.append(ks.float()), ctx_v.append(vs.float())
-        pos = torch.arange(c)
-        blk = block_tables[b].long()[pos // block_size]
+            if keep_context:
+                ctx_k.append(ks.float().cpu()), ctx_v.append(vs.float().cpu())
+        pos = torch.arange(c, device=dev)
+        blk = bt_dev[b].long()[pos // block_size]
         pool[blk, 0, :, pos % block_size, :] = ks
         pool[blk, 1, :, pos % block_size, :] = vs
     T = sum(new_lens)
-    q = torch.randn(T, num_q_heads, head_size, generator=g).to(dtype)
-    k = torch.randn(T, num_kv_heads, head_size, generator=g).to(dtype)
-    v = torch.randn(T, num_kv_heads, head_size, generator=g).to(dtype)
+    q = torch.randn(T, num_q_heads, head_size, generator=gd, device=dev).to(dtype)
+    k = torch.randn(T, num_kv_heads, head_size, generator=gd, device=dev).to(dtype)
+    v = torch.randn(T, num_kv_heads, head_size, generator=gd, device=dev).to(dtype)
     cos, sin = rope_tables(max(total) + 1, head_size)
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(new_lens), 0).int()
     attrs = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size,
                  kv_cache_dtype=kv_cache_dtype, softmax_scale=0.0)
-    dev = torch.device(device)
-    return Case(q.to(dev), k.to(dev), v.to(dev), cos.to(dev), sin.to(dev), block_tables.to(dev), cu.to(dev),
-                torch.tensor(total, dtype=torch.int32, device=dev), kv_scales.to(dev), pool.to(dev), attrs,
-                ctx_k, ctx_v)
+    return Case(q, k, v, cos.to(dev), sin.to(dev), bt_dev, cu.to(dev),
+                torch.tensor(total, dtype=torch.int32, device=dev), kv_scales.to(dev), pool, attrs, ctx_k, ctx_v)
 
 
 def naive_attention_f64(case: Case) -> torch.Tensor:

@@ -1,0 +1,301 @@
+"""Correctness sweep and timings of trtc's paged-attention Triton kernels (needs a CUDA GPU).
+
+    python bench/bench_paged_attention.py                 # correctness sweep + timing table
+    python bench/bench_paged_attention.py --sweep-configs # also time kernel configurations
+    python bench/bench_paged_attention.py --json out.json
+
+Works from a bare checkout (trtc need not be installed). Correctness: fresh random inputs (the seed
+is printed) against the float32 torch reference, outputs NaN-poisoned before each run. Timing:
+triton.testing.do_bench medians; the generation-phase shape is batch 64, context 4096, 32 query /
+8 KV heads, head 128, fp16 (issue 4), baselines are torch SDPA's flash and cuDNN backends on
+contiguous KV.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import pathlib
+import random
+import sys
+import time
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bootstrap() -> None:
+    """Import trtc.plugins from this checkout without running trtc/__init__.py (the spine's)."""
+    try:
+        import trtc.plugins  # noqa: F401
+        return
+    except ImportError:
+        pass
+    pkg = types.ModuleType("trtc")
+    pkg.__path__ = [str(ROOT / "trtc")]
+    sys.modules["trtc"] = pkg
+    spec = importlib.util.spec_from_file_location("trtc.plugins", ROOT / "plugins" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "plugins")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["trtc.plugins"] = mod
+    spec.loader.exec_module(mod)
+
+
+_bootstrap()
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from trtc.plugins import kernels, reference as ref  # noqa: E402
+from trtc.plugins.testing import make_case, rel_err  # noqa: E402
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # fp8 KV adds nothing: the reference reads the same bytes
+
+
+def bench(fn, warmup=25, rep=200) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness
+
+def random_case(rng: random.Random, seed: int, phase: str):
+    d = rng.choice([64, 128])
+    hkv, group = rng.choice([(8, 1), (4, 4), (2, 8), (1, 8), (1, 32), (3, 3)])  # MHA, GQA 4/8, MQA, GQA 3
+    bs = rng.choice([16, 32, 64])
+    dtype = rng.choice([torch.float16, torch.bfloat16])
+    kv = rng.choice(["auto", "fp8_e4m3"])
+    B = rng.choice([1, 3, 8, 33])
+    if phase == "prefill":
+        ctx = [0] * B
+        new = [rng.randint(1, 700 if B < 8 else 200) for _ in range(B)]
+    elif phase == "decode":
+        ctx = [rng.randint(0, 3000) for _ in range(B)]
+        new = [1] * B
+    else:  # mixed: chunked prefill over an existing context next to decodes
+        ctx = [rng.randint(0, 900) for _ in range(B)]
+        new = [rng.choice([1, rng.randint(1, 150)]) for _ in range(B)]
+    return make_case(ctx, new, hkv * group, hkv, d, bs, dtype=dtype, kv_cache_dtype=kv, device="cuda", seed=seed,
+                     keep_context=False)
+
+
+def check(case) -> tuple[float, bool, bool]:
+    pool_ref = case.kv_pool.clone()
+    q_ref = ref.rope_kv_append(*case.append_args[:-1], pool_ref, **case.append_attrs)
+    want = ref.paged_attention_f32(q_ref, pool_ref, *case.attention_args(q_ref)[2:], **case.attrs)
+    q_rot = kernels.rope_kv_append(*case.append_args, **case.append_attrs)
+    append_ok = torch.equal(q_rot, q_ref) and torch.equal(case.kv_pool.view(torch.uint8), pool_ref.view(torch.uint8))
+    out = torch.full_like(case.q, float("nan"))
+    kernels.paged_attention(*case.attention_args(q_rot), out=out, **case.attrs)
+    torch.cuda.synchronize()
+    err = rel_err(out, want)
+    return err, append_ok, err < TOL[case.q.dtype]
+
+
+def correctness(n_per_phase: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    rows, worst = [], {}
+    for phase in ("prefill", "decode", "mixed"):
+        for i in range(n_per_phase):
+            case = random_case(rng, seed * 1000 + len(rows), phase)
+            err, append_ok, ok = check(case)
+            a = case.attrs
+            key = (phase, str(case.q.dtype).removeprefix("torch."), a["kv_cache_dtype"])
+            worst[key] = max(worst.get(key, 0.0), err)
+            rows.append(dict(phase=phase, B=case.seq_lens.numel(), max_len=int(case.seq_lens.max()),
+                             hq=a["num_q_heads"], hkv=a["num_kv_heads"], d=a["head_size"], bs=a["block_size"],
+                             dtype=key[1], kv=a["kv_cache_dtype"], rel_err=err, append_exact=append_ok, ok=ok))
+    print(f"\ncorrectness: {len(rows)} random cases, seed {seed}; max relative error (||out-ref||/||ref||) by group")
+    print(f"{'phase':8} {'dtype':9} {'kv':9} {'max rel err':>12}")
+    for (ph, dt, kv), e in sorted(worst.items()):
+        print(f"{ph:8} {dt:9} {kv:9} {e:12.2e}")
+    bad = [r for r in rows if not (r["ok"] and r["append_exact"])]
+    print(f"failures: {len(bad)}")
+    for r in bad[:10]:
+        print("  FAIL", r)
+    return dict(seed=seed, rows=rows, failures=len(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (t * 1e-3) / 1e12
+
+
+def sdpa_time(backend, q, k, v, causal) -> float | None:
+    try:
+        with sdpa_kernel([backend]):
+            f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            f()
+            torch.cuda.synchronize()
+            return bench(f)
+    except RuntimeError as e:
+        print(f"  {backend}: not available ({str(e).splitlines()[0][:100]})")
+        return None
+
+
+def decode_case(B, L, hq, hkv, d, bs, kv):
+    return make_case([L - 1] * B, [1] * B, hq, hkv, d, bs, dtype=torch.float16, kv_cache_dtype=kv, device="cuda",
+                     seed=1, spare_blocks=0, keep_context=False)
+
+
+def time_ours_decode(case, cfg=None, rep=200) -> float:
+    q_rot = kernels.rope_kv_append(*case.append_args, **case.append_attrs)
+    out = torch.empty_like(q_rot)
+    L = int(case.seq_lens.max())
+    args = case.attention_args(q_rot)
+    f = lambda: kernels.paged_attention(*args, out=out, max_q_len=1, max_seq_len=L, decode_cfg=cfg, **case.attrs)
+    return bench(f, warmup=min(25, rep), rep=rep)
+
+
+def time_ours_context(case, cfg=None, rep=200) -> float:
+    q_rot = kernels.rope_kv_append(*case.append_args, **case.append_attrs)
+    out = torch.empty_like(q_rot)
+    args = case.attention_args(q_rot)
+    T = q_rot.shape[0]
+    f = lambda: kernels.paged_attention(*args, out=out, max_q_len=T, context_cfg=cfg, **case.attrs)
+    return bench(f, warmup=min(25, rep), rep=rep)
+
+
+def timings(sweep: bool) -> dict:
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    res["copy_tbps"] = copy_bandwidth()
+    B, L, hq, hkv, d = 64, 4096, 32, 8, 128
+    kv_bytes16 = B * L * hkv * d * 2 * 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, hq, 1, d, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(B, hkv, L, d, device="cuda", dtype=torch.float16, generator=g)
+    dec = {"flash": sdpa_time(SDPBackend.FLASH_ATTENTION, q, k, v, False),
+           "cudnn": sdpa_time(SDPBackend.CUDNN_ATTENTION, q, k, v, False)}
+    del q, k, v
+    for bs in (16, 32, 64):
+        for kv in ("auto", "fp8_e4m3"):
+            case = decode_case(B, L, hq, hkv, d, bs, kv)
+            dec[f"ours bs{bs} {'fp8' if kv != 'auto' else 'fp16'}"] = time_ours_decode(case)
+            if sweep and bs == 16:
+                best = None
+                for splits in (1, 2, 4):
+                    for bn in (32, 64, 128):
+                        for nw in (4, 8):
+                            for ns in (2, 3):
+                                cfg = kernels.DecodeConfig(splits, bn, nw, ns)
+                                try:
+                                    t = time_ours_decode(case, cfg, rep=40)
+                                except Exception as e:  # out of shared memory etc.
+                                    print(f"  decode {kv} {cfg}: {type(e).__name__}")
+                                    continue
+                                res.setdefault("decode_sweep", []).append(dict(kv=kv, cfg=list(cfg.__dict__.values()), ms=t))
+                                if best is None or t < best[0]:
+                                    best = (t, cfg)
+                print(f"  decode sweep {kv}: best {best[0]:.4f} ms with {best[1]}")
+                dec[f"ours bs16 {'fp8' if kv != 'auto' else 'fp16'} (best cfg)"] = best[0]
+            del case
+            torch.cuda.empty_cache()
+    res["decode_ms"] = dec
+    res["decode_kv_bytes_fp16"] = kv_bytes16
+
+    S = 4096
+    flops = 4 * S * S * d * hq / 2  # causal: half of QK^T and PV
+    q = torch.randn(1, hq, S, d, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(1, hkv, S, d, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(1, hkv, S, d, device="cuda", dtype=torch.float16, generator=g)
+    ctx = {"flash": sdpa_time(SDPBackend.FLASH_ATTENTION, q, k, v, True),
+           "cudnn": sdpa_time(SDPBackend.CUDNN_ATTENTION, q, k, v, True)}
+    for bs in (16, 64):
+        for kv in ("auto", "fp8_e4m3"):
+            case = make_case([0], [S], hq, hkv, d, bs, dtype=torch.float16, kv_cache_dtype=kv, device="cuda", seed=2,
+                             keep_context=False)
+            ctx[f"ours bs{bs} {'fp8' if kv != 'auto' else 'fp16'}"] = time_ours_context(case)
+            if sweep and bs == 64 and kv == "auto":
+                best = None
+                for bm in (64, 128):
+                    for bn in (32, 64, 128):
+                        for nw in (4, 8):
+                            for ns in (2, 3):
+                                cfg = kernels.ContextConfig(bm, bn, nw, ns)
+                                try:
+                                    t = time_ours_context(case, cfg, rep=40)
+                                except Exception as e:
+                                    print(f"  context {cfg}: {type(e).__name__}")
+                                    continue
+                                res.setdefault("context_sweep", []).append(dict(cfg=list(cfg.__dict__.values()), ms=t))
+                                if best is None or t < best[0]:
+                                    best = (t, cfg)
+                print(f"  context sweep: best {best[0]:.4f} ms with {best[1]}")
+                ctx["ours bs64 fp16 (best cfg)"] = best[0]
+    res["context_ms"] = ctx
+    res["context_flops"] = flops
+
+    # append kernel: one decode step's K/V write for the decode shape
+    case = decode_case(B, L, hq, hkv, d, 16, "auto")
+    res["append_decode_ms"] = bench(lambda: kernels.rope_kv_append(*case.append_args, **case.append_attrs))
+    return res
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['device']}  torch {r['torch']}  triton {r['triton']}")
+    print(f"device copy: {r['copy_tbps']:.2f} TB/s (read + write)")
+    dec, kvb = r["decode_ms"], r["decode_kv_bytes_fp16"]
+    print("\ngeneration phase: batch 64, context 4096, 32 q / 8 kv heads, head 128, fp16 activations")
+    print(f"{'kernel':34} {'ms':>8} {'KV TB/s':>8} {'vs cuDNN':>9} {'vs flash':>9}")
+    for name, t in dec.items():
+        if t is None:
+            continue
+        nbytes = kvb / 2 if "fp8" in name else kvb
+        vs_c = f"{dec['cudnn'] / t:8.2f}x" if dec.get("cudnn") else "      n/a"
+        vs_f = f"{dec['flash'] / t:8.2f}x" if dec.get("flash") else "      n/a"
+        print(f"{name:34} {t:8.4f} {nbytes / (t * 1e-3) / 1e12:8.2f} {vs_c} {vs_f}")
+    f16, f8 = dec.get("ours bs16 fp16"), dec.get("ours bs16 fp8")
+    if dec.get("cudnn") and f16:
+        bw_ours, bw_cudnn = kvb / f16, kvb / dec["cudnn"]
+        print(f"goal 1: paged fp16 (bs16) KV bandwidth / cuDNN's = {bw_ours / bw_cudnn:.2f} (goal >= 0.90)")
+    if f16 and f8:
+        print(f"goal 2: fp8 KV speedup over fp16 KV (bs16) = {f16 / f8:.2f}x (goal >= 1.6x)")
+    ctx, fl = r["context_ms"], r["context_flops"]
+    print("\ncontext phase: 4096 tokens causal, batch 1, 32 q / 8 kv heads, head 128, fp16")
+    print(f"{'kernel':34} {'ms':>8} {'TFLOP/s':>8} {'vs cuDNN':>9} {'vs flash':>9}")
+    for name, t in ctx.items():
+        if t is None:
+            continue
+        vs_c = f"{ctx['cudnn'] / t:8.2f}x" if ctx.get("cudnn") else "      n/a"
+        vs_f = f"{ctx['flash'] / t:8.2f}x" if ctx.get("flash") else "      n/a"
+        print(f"{name:34} {t:8.4f} {fl / (t * 1e-3) / 1e12:8.1f} {vs_c} {vs_f}")
+    if ctx.get("flash") and ctx.get("ours bs64 fp16"):
+        print(f"goal 3: context ours (bs64) / flash speed = {ctx['flash'] / ctx['ours bs64 fp16']:.2f} (goal >= 1.0); "
+              f"vs cuDNN = {ctx['cudnn'] / ctx['ours bs64 fp16']:.2f}" if ctx.get("cudnn") else "")
+    print(f"\nRopeKvAppend, decode step (64 tokens): {r['append_decode_ms'] * 1e3:.1f} us")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=16, help="random correctness cases per phase")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--sweep-configs", action="store_true")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU on this machine")
+    seed = args.seed if args.seed is not None else int(time.time()) % 100000
+    out = {}
+    t0 = time.time()
+    if not args.skip_correctness:
+        out["correctness"] = correctness(args.cases, seed)
+        print(f"(correctness took {time.time() - t0:.0f} s)")
+    out["timing"] = timings(args.sweep_configs)
+    print_table(out["timing"])
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    if out.get("correctness", {}).get("failures"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
