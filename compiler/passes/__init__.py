@@ -1,0 +1,72 @@
+"""Graph passes: small named functions `(graph, ctx) -> graph` over onnx-graphsurgeon graphs.
+
+Each pass finds its targets by pattern and leaves everything else alone. `PIPELINE` is the order
+`trtc build/export` runs them in; its names are what `--dump-after NAME` accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trtc.errors import TrtcError
+
+from ..spec import ModelSpec
+
+
+@dataclass
+class PassContext:
+    spec: ModelSpec
+    max_seq_len: int
+    dump_after: tuple[str, ...] = ()          # pass names whose output graph is written
+    dump_dir: Path | None = None
+    check: Callable | None = None             # graph check run after every pass (tests)
+    stats: dict[str, int] = field(default_factory=dict)   # pass name -> number of rewrites
+
+
+PassFn = Callable[["object", PassContext], "object"]
+_PASSES: dict[str, PassFn] = {}
+
+
+def register_pass(name: str):
+    def deco(fn: PassFn) -> PassFn:
+        _PASSES[name] = fn
+        fn.pass_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def get_pass(name: str) -> PassFn:
+    return _PASSES[name]
+
+
+from . import attention, cleanup, kv_cache, rotary  # noqa: E402,F401  (registers the passes)
+
+PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions",
+            "rotary_cache", "cleanup")
+
+
+def validate_dump_after(names: tuple[str, ...]) -> None:
+    bad = [n for n in names if n not in PIPELINE]
+    if bad:
+        raise TrtcError(f"--dump-after {', '.join(bad)}: unknown pass; passes: {', '.join(PIPELINE)}")
+
+
+def run_passes(graph, ctx: PassContext):
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    validate_dump_after(ctx.dump_after)
+    for name in PIPELINE:
+        graph = _PASSES[name](graph, ctx)
+        graph.toposort()   # passes append new nodes at the end; keep the order valid
+        if ctx.check is not None:
+            ctx.check(graph, after=name)
+        if name in ctx.dump_after and ctx.dump_dir is not None:
+            ctx.dump_dir.mkdir(parents=True, exist_ok=True)
+            path = ctx.dump_dir / f"after_{name}.onnx"
+            onnx.save_model(gs.export_onnx(graph.copy()), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data")
+    return graph

@@ -1,0 +1,106 @@
+"""The one place that imports TensorRT: resolves `tensorrt` (datacenter) or `tensorrt_rtx`.
+
+Capability differences between the flavours are data here (targets, plugin support, minimum
+compute capability per precision) and are checked before a build starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from trtc.errors import TrtcError
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str                      # "tensorrt_rtx" or "tensorrt"
+    module: str                    # import name
+    pip_extra: str                 # how to install it with trtc
+    targets: tuple[str, ...]       # compute capabilities it can build for
+    default_targets: tuple[str, ...]
+    plugins: bool                  # custom plugin layers (trtc's attention plugins)
+    fp8_min_sm: int
+    fp4_min_sm: int
+
+
+FLAVOURS = {
+    # TensorRT-RTX: ahead-of-time builds on CPU for the listed consumer/workstation GPUs.
+    # No Hopper (sm_90) or sm_100 target exists in its ComputeCapability enum.
+    "tensorrt_rtx": Flavour("tensorrt_rtx", "tensorrt_rtx", 'pip install -e ".[rtx]"',
+                            ("sm_75", "sm_80", "sm_86", "sm_89", "sm_120", "sm_121"),
+                            ("sm_80", "sm_86", "sm_89", "sm_120"), plugins=False,
+                            fp8_min_sm=89, fp4_min_sm=120),
+    # Full TensorRT: builds on (and for) the datacenter GPU it runs on; needs that GPU.
+    "tensorrt": Flavour("tensorrt", "tensorrt", 'pip install -e ".[tensorrt]" (NVIDIA index)',
+                        ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
+                        ("sm_90",), plugins=True, fp8_min_sm=89, fp4_min_sm=100),
+}
+
+
+def sm_number(target: str) -> int:
+    return int(target.removeprefix("sm_"))
+
+
+def parse_targets(text: str | None, flavour: Flavour) -> tuple[str, ...]:
+    if not text:
+        return flavour.default_targets
+    out = []
+    for raw in text.split(","):
+        t = raw.strip().lower().replace("sm", "sm_").replace("sm__", "sm_")
+        if not t.startswith("sm_") or not t[3:].isdigit():
+            raise TrtcError(f"--target {raw.strip()!r} is not a compute capability; write e.g. sm_89,sm_120")
+        if t not in flavour.targets:
+            raise TrtcError(f"--target {t} is not supported by {flavour.name}; "
+                            f"it builds for {', '.join(flavour.targets)}")
+        out.append(t)
+    return tuple(dict.fromkeys(out))
+
+
+def resolve_flavour(name: str = "auto") -> Flavour:
+    """`auto`: full TensorRT when importable (datacenter), else TensorRT-RTX."""
+    if name != "auto":
+        if name not in FLAVOURS:
+            raise TrtcError(f"--flavour {name!r} is unknown; use auto, {', '.join(FLAVOURS)}")
+        import_trt(FLAVOURS[name])
+        return FLAVOURS[name]
+    for fl in (FLAVOURS["tensorrt"], FLAVOURS["tensorrt_rtx"]):
+        try:
+            import_trt(fl)
+            return fl
+        except TrtcError:
+            continue
+    raise TrtcError('no TensorRT found: install TensorRT-RTX with `pip install -e ".[rtx]"` '
+                    '(builds on CPU) or full TensorRT with `pip install -e ".[tensorrt]"`')
+
+
+def import_trt(flavour: Flavour):
+    try:
+        return importlib.import_module(flavour.module)
+    except Exception as e:  # ImportError, or OSError from a missing libnvinfer
+        raise TrtcError(f"{flavour.name} is not importable ({type(e).__name__}: {e}); "
+                        f"install it with {flavour.pip_extra}") from e
+
+
+def trt_version(flavour: Flavour) -> str:
+    return import_trt(flavour).__version__
+
+
+def make_logger(trt, min_severity=None):
+    """A TensorRT logger that keeps messages for error reports and drops one known false alarm."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):
+            # Logged once per process on machines without a GPU; harmless for building.
+            if "cudaError 35" in msg or "CUDA driver version is insufficient" in msg:
+                return
+            self.messages.append((str(severity), msg))
+
+        def errors(self) -> list[str]:
+            return [m for s, m in self.messages if "ERROR" in s]
+
+    return Logger()

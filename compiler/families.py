@@ -1,0 +1,146 @@
+"""Family adapters: per-architecture knowledge, registered by name.
+
+Generic code never compares architecture names; it asks the registry for the adapter of a
+config and reads the ModelSpec the adapter produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from trtc.errors import TrtcError
+
+from .spec import ModelSpec
+
+# Rope types whose cos/sin depend only on the position (not on the sequence length), so the
+# rotary pass can precompute a [max_seq_len, head_dim/2] cache. "dynamic" and "longrope" change
+# their frequencies with the sequence length and cannot be compiled ahead of time this way.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    name: str
+    architectures: tuple[str, ...]      # HF `architectures` entries
+    model_types: tuple[str, ...]        # HF `model_type` values
+    gguf_architectures: tuple[str, ...]  # GGUF `general.architecture` values
+    qkv_bias: Callable[[Any], bool]
+    qk_norm: bool
+    sliding_window: Callable[[Any], int | None]
+
+    def spec_from_config(self, cfg: Any) -> ModelSpec:
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise TrtcError(
+                f"rope type {rope_type!r} of this {self.name} model changes with the sequence "
+                f"length and cannot be compiled ahead of time; supported rope types: "
+                f"{', '.join(STATIC_ROPE_TYPES)}"
+            )
+        eos = cfg.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+        archs = list(getattr(cfg, "architectures", None) or [self.architectures[0]])
+        return ModelSpec(
+            family=self.name,
+            architecture=archs[0],
+            vocab_size=int(cfg.vocab_size),
+            hidden_size=int(cfg.hidden_size),
+            intermediate_size=int(cfg.intermediate_size),
+            num_layers=int(cfg.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            max_position_embeddings=int(cfg.max_position_embeddings),
+            rope_type=rope_type,
+            rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=self.qkv_bias(cfg),
+            qk_norm=self.qk_norm,
+            sliding_window=self.sliding_window(cfg),
+            source_dtype=str(dtype).replace("torch.", ""),
+            bos_token_id=cfg.bos_token_id,
+            eos_token_ids=eos_ids,
+        )
+
+
+_REGISTRY: dict[str, FamilyAdapter] = {}
+
+
+def register(adapter: FamilyAdapter) -> FamilyAdapter:
+    _REGISTRY[adapter.name] = adapter
+    return adapter
+
+
+def supported_architectures() -> list[str]:
+    return sorted(a for ad in _REGISTRY.values() for a in ad.architectures)
+
+
+def adapter_for_config(cfg: Any) -> FamilyAdapter:
+    archs = list(getattr(cfg, "architectures", None) or [])
+    model_type = getattr(cfg, "model_type", None)
+    for ad in _REGISTRY.values():
+        if any(a in ad.architectures for a in archs) or (not archs and model_type in ad.model_types):
+            return ad
+    name = archs[0] if archs else model_type
+    raise TrtcError(
+        f"architecture {name!r} is not supported; supported architectures: "
+        f"{', '.join(supported_architectures())}"
+    )
+
+
+def adapter_for_gguf(arch: str) -> FamilyAdapter:
+    for ad in _REGISTRY.values():
+        if arch in ad.gguf_architectures:
+            return ad
+    raise TrtcError(
+        f"GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
+        f"{', '.join(sorted(a for ad in _REGISTRY.values() for a in ad.gguf_architectures))}"
+    )
+
+
+def _window_if_enabled(cfg: Any) -> int | None:
+    # Qwen2/Qwen3 carry a sliding_window value but only use it when use_sliding_window is set.
+    return int(cfg.sliding_window) if getattr(cfg, "use_sliding_window", False) and cfg.sliding_window else None
+
+
+register(FamilyAdapter(
+    name="llama",
+    architectures=("LlamaForCausalLM",),
+    model_types=("llama",),
+    gguf_architectures=("llama",),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=False,
+    sliding_window=lambda c: None,
+))
+register(FamilyAdapter(
+    name="mistral",
+    architectures=("MistralForCausalLM",),
+    model_types=("mistral",),
+    gguf_architectures=("mistral",),
+    qkv_bias=lambda c: False,
+    qk_norm=False,
+    sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
+))
+register(FamilyAdapter(
+    name="qwen2",
+    architectures=("Qwen2ForCausalLM",),
+    model_types=("qwen2",),
+    gguf_architectures=("qwen2",),
+    qkv_bias=lambda c: True,
+    qk_norm=False,
+    sliding_window=_window_if_enabled,
+))
+register(FamilyAdapter(
+    name="qwen3",
+    architectures=("Qwen3ForCausalLM",),
+    model_types=("qwen3",),
+    gguf_architectures=("qwen3",),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=True,
+    sliding_window=_window_if_enabled,
+))

