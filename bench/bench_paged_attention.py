@@ -49,7 +49,7 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from trtc.plugins import kernels, reference as ref  # noqa: E402
-from trtc.plugins.testing import make_case, rel_err  # noqa: E402
+from trtc.plugins.testing import append_matches, make_case, rel_err  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # fp8 KV adds nothing: the reference reads the same bytes
 
@@ -86,7 +86,9 @@ def check(case) -> tuple[float, bool, bool]:
     q_ref = ref.rope_kv_append(*case.append_args[:-1], pool_ref, **case.append_attrs)
     want = ref.paged_attention_f32(q_ref, pool_ref, *case.attention_args(q_ref)[2:], **case.attrs)
     q_rot = kernels.rope_kv_append(*case.append_args, **case.append_attrs)
-    append_ok = torch.equal(q_rot, q_ref) and torch.equal(case.kv_pool.view(torch.uint8), pool_ref.view(torch.uint8))
+    append_ok, why = append_matches(q_rot, q_ref, case.kv_pool, pool_ref)
+    if not append_ok:
+        print("  append mismatch:", why)
     out = torch.full_like(case.q, float("nan"))
     kernels.paged_attention(*case.attention_args(q_rot), out=out, **case.attrs)
     torch.cuda.synchronize()
@@ -106,12 +108,12 @@ def correctness(n_per_phase: int, seed: int) -> dict:
             worst[key] = max(worst.get(key, 0.0), err)
             rows.append(dict(phase=phase, B=case.seq_lens.numel(), max_len=int(case.seq_lens.max()),
                              hq=a["num_q_heads"], hkv=a["num_kv_heads"], d=a["head_size"], bs=a["block_size"],
-                             dtype=key[1], kv=a["kv_cache_dtype"], rel_err=err, append_exact=append_ok, ok=ok))
+                             dtype=key[1], kv=a["kv_cache_dtype"], rel_err=err, append_ok=append_ok, ok=ok))
     print(f"\ncorrectness: {len(rows)} random cases, seed {seed}; max relative error (||out-ref||/||ref||) by group")
     print(f"{'phase':8} {'dtype':9} {'kv':9} {'max rel err':>12}")
     for (ph, dt, kv), e in sorted(worst.items()):
         print(f"{ph:8} {dt:9} {kv:9} {e:12.2e}")
-    bad = [r for r in rows if not (r["ok"] and r["append_exact"])]
+    bad = [r for r in rows if not (r["ok"] and r["append_ok"])]
     print(f"failures: {len(bad)}")
     for r in bad[:10]:
         print("  FAIL", r)
@@ -181,19 +183,21 @@ def timings(sweep: bool) -> dict:
             dec[f"ours bs{bs} {'fp8' if kv != 'auto' else 'fp16'}"] = time_ours_decode(case)
             if sweep and bs == 16:
                 best = None
-                for splits in (1, 2, 4):
-                    for bn in (32, 64, 128):
-                        for nw in (4, 8):
-                            for ns in (2, 3):
-                                cfg = kernels.DecodeConfig(splits, bn, nw, ns)
-                                try:
-                                    t = time_ours_decode(case, cfg, rep=40)
-                                except Exception as e:  # out of shared memory etc.
-                                    print(f"  decode {kv} {cfg}: {type(e).__name__}")
-                                    continue
-                                res.setdefault("decode_sweep", []).append(dict(kv=kv, cfg=list(cfg.__dict__.values()), ms=t))
-                                if best is None or t < best[0]:
-                                    best = (t, cfg)
+                cfgs = [kernels.DecodeConfig(sp, bn, 4, st, True, pf) for pf in (False, True) for sp in (1, 2)
+                        for bn in (64, 128) for st in (1, 2, 3)]
+                cfgs += [kernels.DecodeConfig(sp, bn, nw, st, False, pf) for pf in (False, True) for sp in (1, 2)
+                         for bn in (16, 32, 64) for nw in (4, 8) for st in (1, 2)]
+                if kv == "auto":
+                    cfgs = cfgs[::3]
+                for cfg in cfgs:
+                    try:
+                        t = time_ours_decode(case, cfg, rep=30)
+                    except Exception as e:  # out of shared memory / registers
+                        print(f"  decode {kv} {cfg}: {type(e).__name__}")
+                        continue
+                    res.setdefault("decode_sweep", []).append(dict(kv=kv, cfg=list(cfg.__dict__.values()), ms=t))
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
                 print(f"  decode sweep {kv}: best {best[0]:.4f} ms with {best[1]}")
                 dec[f"ours bs16 {'fp8' if kv != 'auto' else 'fp16'} (best cfg)"] = best[0]
             del case
@@ -235,7 +239,9 @@ def timings(sweep: bool) -> dict:
 
     # append kernel: one decode step's K/V write for the decode shape
     case = decode_case(B, L, hq, hkv, d, 16, "auto")
-    res["append_decode_ms"] = bench(lambda: kernels.rope_kv_append(*case.append_args, **case.append_attrs))
+    # CUDA graph replay: the Python launcher (schema checks) costs more than this small kernel
+    res["append_decode_ms"] = triton.testing.do_bench_cudagraph(
+        lambda: kernels.rope_kv_append(*case.append_args, **case.append_attrs), rep=100, return_mode="median")
     return res
 
 

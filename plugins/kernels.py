@@ -183,11 +183,27 @@ def paged_attention_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales
 
 
 @triton.jit
+def _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """K and V [BLOCK_N, D] of positions n0.. (masked at hi), in the pool's dtype."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    kin = kpos < hi
+    blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
+    base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
+    k = tl.load(pool_kv + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+    v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_ptr, max_blocks,
                         out_ptr, part_o_ptr, part_lse_ptr,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                         SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        NUM_SPLITS: tl.constexpr):
+                        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+    """USE_DOT: scores and P@V on the tensor cores (rows padded to 16); else FMA in float32 on the
+    CUDA cores with G_P = pow2(group) rows (no padding, no shared-memory round trip for FP8).
+    PREFETCH: the next tile's loads are issued before the current tile is computed (registers)."""
     G: tl.constexpr = HQ // HKV
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -208,26 +224,36 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
     qk_scale = SM_SCALE * 1.4426950408889634
     if FP8:
         qk_scale = qk_scale * tl.load(scales_ptr)
+    if not USE_DOT:
+        q = q.to(tl.float32) * qk_scale
     m_i = tl.full([G_P], float("-inf"), tl.float32)
     l_i = tl.zeros([G_P], tl.float32)
     acc = tl.zeros([G_P, D], tl.float32)
     pool_kv = pool_ptr + kvh * (BS * D)
     bt_row = bt_ptr + b * max_blocks
-    n_offs = tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        k_nxt, v_nxt = _load_kv_tile(pool_kv, bt_row, lo, hi, d, HKV, BS, D, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        kpos = n0 + n_offs
-        kin = kpos < hi
-        blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
-        base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
-        k = tl.load(pool_kv + base[:, None] + d[None, :], mask=kin[:, None], other=0.0).to(q.dtype)
-        v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if PREFETCH:
+            k = k_nxt
+            v = v_nxt
+            k_nxt, v_nxt = _load_kv_tile(pool_kv, bt_row, n0 + BLOCK_N, hi, d, HKV, BS, D, BLOCK_N)
+        else:
+            k, v = _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
+        kin = (n0 + tl.arange(0, BLOCK_N)) < hi
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)
         s = tl.where(kin[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
         m_i = m_new
     if FP8:
         acc = acc * tl.load(scales_ptr + 1)
@@ -275,6 +301,8 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    use_dot: bool = True
+    prefetch: bool = False
 
 
 SEARCH = 128
@@ -294,9 +322,10 @@ def _require_cuda(*ts: torch.Tensor) -> None:
 
 
 def context_config(head_size: int, group: int) -> ContextConfig:
+    # tuned on an H200 (bench/RESULTS-paged-attention.md)
     if head_size <= 64:
-        return ContextConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return ContextConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return ContextConfig(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    return ContextConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
@@ -365,8 +394,9 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
         paged_decode_kernel[(B, hkv, splits)](
             q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
             out, part_o, part_lse,
-            HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8, G_P=max(16, _pow2(group)),
-            BLOCK_N=cfg.block_n, NUM_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
+            G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits > 1:
             combine_kernel[(T, hq)](part_o, part_lse, out, HQ=hq, D=dh, NUM_SPLITS=splits, S_P=_pow2(splits),
                                     num_warps=4)

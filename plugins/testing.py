@@ -141,3 +141,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(x).all():
         return float("inf")
     return float((x - ref).norm() / ref.norm())
+
+
+def append_matches(q_rot, q_ref, pool, pool_ref) -> tuple[bool, str]:
+    """Kernel RopeKvAppend vs reference. Bitwise equality is too strict (the GPU contracts the
+    rotation into FMAs); allowed: q_rot within one rounding step of its dtype; every pool slot NaN
+    (unwritten) in both or in neither, written slots within one rounding step of the pool's dtype."""
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
+    dq = (q_rot.float() - q_ref.float()).abs()
+    if not (dq <= eps[q_rot.dtype] * q_ref.float().abs() + 1e-6).all():
+        return False, f"q_rot max abs diff {dq.max().item():.3g}"
+    a, b = pool.float(), pool_ref.float()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False, f"{(a.isnan() != b.isnan()).sum().item()} pool slots written in one but not the other"
+    ok = ~b.isnan()
+    dp = (a[ok] - b[ok]).abs()
+    tiny = 2.0 ** -9 if pool.dtype == torch.float8_e4m3fn else 1e-6  # smallest e4m3 subnormal step
+    if not (dp <= eps[pool.dtype] * b[ok].abs() + tiny).all():
+        return False, f"pool max abs diff {dp.max().item():.3g}"
+    return True, ""
