@@ -200,10 +200,13 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
                         out_ptr, part_o_ptr, part_lse_ptr,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                         SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr):
+                        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                        SWAP_QK: tl.constexpr):
     """USE_DOT: scores and P@V on the tensor cores (rows padded to 16); else FMA in float32 on the
     CUDA cores with G_P = pow2(group) rows (no padding, no shared-memory round trip for FP8).
-    PREFETCH: the next tile's loads are issued before the current tile is computed (registers)."""
+    PREFETCH: the next tile's loads are issued before the current tile is computed (registers).
+    SWAP_QK: scores as (K @ q^T)^T, so the (converted) K tile is the A operand, read from registers,
+    instead of a transposed B operand."""
     G: tl.constexpr = HQ // HKV
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -242,7 +245,10 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
             k, v = _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
         kin = (n0 + tl.arange(0, BLOCK_N)) < hi
         if USE_DOT:
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+            if SWAP_QK:
+                s = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q))) * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
         else:
             s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)
         s = tl.where(kin[None, :], s, float("-inf"))
@@ -303,6 +309,7 @@ class DecodeConfig:
     num_stages: int = 3
     use_dot: bool = True
     prefetch: bool = False
+    swap_qk: bool = False
 
 
 SEARCH = 128
@@ -358,10 +365,11 @@ def rope_kv_append(q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_
 
 def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, max_q_len: int | None = None,
                     max_seq_len: int | None = None, context_cfg: ContextConfig | None = None,
-                    decode_cfg: DecodeConfig | None = None, out: torch.Tensor | None = None, **attrs) -> torch.Tensor:
+                    decode_cfg: DecodeConfig | None = None, out: torch.Tensor | None = None, varlen_only: bool = False,
+                    **attrs) -> torch.Tensor:
     """Triton PagedAttention. max_q_len / max_seq_len are host-side hints (the scheduler knows them);
     when not given they are read from the device (one synchronization). max_q_len == 1 takes the
-    generation-phase (split-K) kernel."""
+    generation-phase (split-K) kernel unless varlen_only (the single kernel TensorRT's AOT path uses)."""
     names = [t.name for t in PAGED_ATTENTION.inputs]
     args = (q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales)
     check_call(PAGED_ATTENTION, dict(zip(names, args)), attrs)
@@ -378,7 +386,7 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     group = hq // hkv
-    if max_q_len == 1:
+    if max_q_len == 1 and not varlen_only:
         cfg = decode_cfg or DecodeConfig()
         splits = cfg.num_splits
         if splits == 0:
@@ -396,7 +404,7 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
             out, part_o, part_lse,
             HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
             G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
-            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits > 1:
             combine_kernel[(T, hq)](part_o, part_lse, out, HQ=hq, D=dh, NUM_SPLITS=splits, S_P=_pow2(splits),
                                     num_warps=4)
