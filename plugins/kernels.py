@@ -196,12 +196,25 @@ def _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV: tl.constexpr, BS: tl.constexp
 
 
 @triton.jit
+def _load_kt_tile(pool_kv, bt_row, n0, hi, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """K^T [D, BLOCK_N] and V [BLOCK_N, D] of positions n0.. (masked at hi), in the pool's dtype."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    kin = kpos < hi
+    blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
+    base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
+    kt = tl.load(pool_kv + base[None, :] + d[:, None], mask=kin[None, :], other=0.0)
+    v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
+    return kt, v
+
+
+@triton.jit
 def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_ptr, max_blocks,
                         out_ptr, part_o_ptr, part_lse_ptr,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                         SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                        SWAP_QK: tl.constexpr):
+                        SWAP_QK: tl.constexpr, K_T: tl.constexpr):
     """USE_DOT: scores and P@V on the tensor cores (rows padded to 16); else FMA in float32 on the
     CUDA cores with G_P = pow2(group) rows (no padding, no shared-memory round trip for FP8).
     PREFETCH: the next tile's loads are issued before the current tile is computed (registers).
@@ -241,10 +254,14 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
             k = k_nxt
             v = v_nxt
             k_nxt, v_nxt = _load_kv_tile(pool_kv, bt_row, n0 + BLOCK_N, hi, d, HKV, BS, D, BLOCK_N)
+        elif K_T:
+            k, v = _load_kt_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
         else:
             k, v = _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
         kin = (n0 + tl.arange(0, BLOCK_N)) < hi
-        if USE_DOT:
+        if K_T:
+            s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        elif USE_DOT:
             if SWAP_QK:
                 s = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q))) * qk_scale
             else:
@@ -310,9 +327,11 @@ class DecodeConfig:
     use_dot: bool = True
     prefetch: bool = False
     swap_qk: bool = False
+    k_t: bool = False  # load K as K^T [D, BLOCK_N] (tensor-core path only)
 
 
 SEARCH = 128
+_last: dict = {}  # the last compiled kernel per launcher (register/spill reports in bench/)
 
 
 def _pow2(n: int) -> int:
@@ -399,12 +418,13 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
             part_lse = torch.empty((T, hq, splits), dtype=torch.float32, device=q.device)
         else:
             part_o = part_lse = out  # unused
-        paged_decode_kernel[(B, hkv, splits)](
+        k = paged_decode_kernel[(B, hkv, splits)](
             q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
             out, part_o, part_lse,
             HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
             G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
-            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, K_T=cfg.k_t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _last["decode"] = k
         if splits > 1:
             combine_kernel[(T, hq)](part_o, part_lse, out, HQ=hq, D=dh, NUM_SPLITS=splits, S_P=_pow2(splits),
                                     num_warps=4)

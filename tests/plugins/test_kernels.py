@@ -47,8 +47,10 @@ def test_kernels_match_reference(ctx, new, hq, hkv, d, bs, dtype, kv):
 @cuda
 @pytest.mark.parametrize("kv", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-@pytest.mark.parametrize("use_dot,prefetch,swap", [(True, False, False), (False, True, False), (True, False, True)])
-def test_decode_variants(splits, use_dot, prefetch, swap, kv):
+@pytest.mark.parametrize("use_dot,prefetch,swap,k_t", [(True, False, False, False), (False, True, False, False),
+                                                       (True, False, True, False), (True, False, False, True)])
+def test_decode_variants(splits, use_dot, prefetch, swap, k_t, kv):
     case = make_case([1000, 17, 260], [1, 1, 1], 16, 4, 128, 16, kv_cache_dtype=kv, device="cuda", seed=splits)
-    cfg = kernels.DecodeConfig(num_splits=splits, block_n=32, use_dot=use_dot, prefetch=prefetch, swap_qk=swap)
+    cfg = kernels.DecodeConfig(num_splits=splits, block_n=32, use_dot=use_dot, prefetch=prefetch, swap_qk=swap,
+                               k_t=k_t)
     check_step(case, TOL[torch.float16], decode_cfg=cfg)

@@ -1,0 +1,232 @@
+"""The compiler pipeline, top to bottom: load -> export -> passes -> build -> package.
+
+`export_model` stops after the passes and writes an export dir (ONNX rank graphs + tokenizer +
+trtc_export.json); `build_model` accepts a model or such an export dir and writes an engine dir.
+Stage names are what the CLI prints; pass names are what `--dump-after` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from trtc import __version__
+from trtc.errors import TrtcError
+from trtc.log import StageTimes, info, stage
+
+from . import package
+from .backend import Flavour, trt_version
+from .config import BuildConfig, ExportConfig, resolve_dtype
+from .graph_check import check_graph
+from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
+from .package import EXPORT_CONFIG, ENGINE_CONFIG, FORMAT_VERSION
+from .passes import PassContext, run_passes, validate_dump_after
+from .spec import ModelSpec, fingerprint_of
+
+RANK_ONNX = "rank{r}.onnx"
+RANK_ENGINE = "rank{r}.engine"
+
+
+@dataclass(frozen=True)
+class RankGraphs:
+    """Typed hand-off from export+passes to build: the rank graphs on disk and what they are."""
+
+    dir: Path
+    files: tuple[str, ...]         # rank0.onnx, rank0.onnx.data
+    spec: ModelSpec
+    config: ExportConfig
+    io: dict                       # {"inputs": [...], "outputs": [...]}: name, dtype, shape
+    source: dict                   # {"model": ..., "weights_sha256": ...}
+    tokenizer_dir: Path
+    pass_stats: dict
+    tokenizer_files: tuple[str, ...] = ()
+
+
+def default_output(model: str | None, root: str = "engines") -> Path:
+    name = model or DEFAULT_MODEL
+    if name not in BUNDLED:
+        name = Path(name).name.removesuffix(".gguf") or "model"
+    return Path(root) / name
+
+
+def _io_table(model) -> dict:
+    import onnx
+
+    def rows(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+        return out
+
+    return {"inputs": rows(model.graph.input), "outputs": rows(model.graph.output)}
+
+
+def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, times: StageTimes,
+                        dump_after: tuple[str, ...], dump_dir: Path | None) -> RankGraphs:
+    import gc
+
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from .export import trace
+
+    with stage("export", times, f"torch.onnx dynamo, opset {cfg.opset}, {cfg.dtype}"):
+        traced = trace(loaded, cfg, work / "traced")
+    with stage("passes", times):
+        graph = gs.import_onnx(onnx.load(str(traced.onnx_path)))
+        ctx = PassContext(spec=loaded.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
+                          dump_dir=dump_dir)
+        graph = run_passes(graph, ctx)
+        check_graph(graph, after="all passes")
+        info("[trtc]   " + ", ".join(f"{k}: {v}" for k, v in ctx.stats.items()))
+        model = gs.export_onnx(graph)
+        del graph
+        name = RANK_ONNX.format(r=0)
+        onnx.save_model(model, str(work / name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=name + ".data", size_threshold=1024)
+        io = _io_table(model)
+        del model
+        shutil.rmtree(work / "traced", ignore_errors=True)
+        gc.collect()
+    return RankGraphs(dir=work, files=(name, name + ".data"), spec=loaded.spec, config=cfg, io=io,
+                      source={"model": loaded.source, "hf_dir": str(loaded.hf_dir),
+                              "weights_sha256": loaded.weights_sha256},
+                      tokenizer_dir=loaded.hf_dir, pass_stats=dict(ctx.stats))
+
+
+def _load_export_dir(d: Path) -> RankGraphs:
+    meta = package.read_json(d / EXPORT_CONFIG, "export dir")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TrtcError(f"{d} was exported by another trtc format ({meta.get('format_version')}); "
+                        f"re-run trtc export with this version")
+    files = meta["files"]
+    onnx_files = [n for n in files if n.startswith("rank")]
+    tok = [n for n in files if not n.startswith("rank")]
+    package.verify_files(d, files, onnx_files + tok, rebuild_hint="re-run trtc export")
+    return RankGraphs(dir=d, files=tuple(onnx_files), spec=ModelSpec.from_dict(meta["pretrained_config"]),
+                      config=ExportConfig(**meta["export_config"]), io=meta["io"], source=meta["source"],
+                      tokenizer_dir=d, pass_stats=meta.get("passes", {}), tokenizer_files=tuple(tok))
+
+
+def is_export_dir(model: str | None) -> bool:
+    return model is not None and (Path(model) / EXPORT_CONFIG).is_file()
+
+
+def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
+                 dump_after: tuple[str, ...] = ()) -> tuple[Path, StageTimes]:
+    validate_dump_after(dump_after)
+    times = StageTimes()
+    with stage("load", times, model or DEFAULT_MODEL):
+        loaded = load_model(model)
+    cfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
+                       max_seq_len=_default_seq_len(max_seq_len, loaded.spec))
+    with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
+        graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
+        with stage("package", times):
+            tok = save_tokenizer(loaded.hf_dir, tmp)
+            meta = {
+                "format_version": FORMAT_VERSION, "trtc_version": __version__,
+                "pretrained_config": graphs.spec.to_dict(), "export_config": dataclasses.asdict(cfg),
+                "io": graphs.io, "source": graphs.source, "passes": graphs.pass_stats,
+                "tokenizer_files": tok,
+                "files": package.file_table(tmp, list(graphs.files) + tok),
+            }
+            package.write_json(tmp / EXPORT_CONFIG, meta)
+    return output, times
+
+
+def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
+    if requested is None:
+        return min(2048, spec.max_position_embeddings)
+    if requested > spec.max_position_embeddings:
+        raise TrtcError(f"--max-seq-len {requested} exceeds the model's max_position_embeddings "
+                        f"{spec.max_position_embeddings}; lower it")
+    return requested
+
+
+def build_model(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
+                dtype: str = "auto", max_batch_size: int = 8, max_input_len: int | None = None,
+                max_seq_len: int | None = None, keep_onnx: bool = False,
+                dump_after: tuple[str, ...] = ()) -> tuple[Path, StageTimes]:
+    from .build import build_engine
+
+    validate_dump_after(dump_after)
+    times = StageTimes()
+    work_root = Path(tempfile.mkdtemp(prefix="trtc-work-"))
+    try:
+        if is_export_dir(model):
+            with stage("load", times, f"export dir {model}"):
+                graphs = _load_export_dir(Path(model))
+            _check_against_export(graphs, dtype, max_seq_len)
+        else:
+            with stage("load", times, model or DEFAULT_MODEL):
+                loaded = load_model(model)
+            ecfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
+                                max_seq_len=_default_seq_len(max_seq_len, loaded.spec))
+            bcfg_check = BuildConfig(max_batch_size, max_input_len or min(1024, ecfg.max_seq_len),
+                                     ecfg.max_seq_len, targets)  # validate options before exporting
+            del bcfg_check
+            graphs = _export_rank_graphs(loaded, ecfg, work_root, times, dump_after,
+                                         output.parent / (output.name + ".dump"))
+        spec, ecfg = graphs.spec, graphs.config
+        bcfg = BuildConfig(max_batch_size=max_batch_size,
+                           max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
+                           max_seq_len=ecfg.max_seq_len, targets=targets)
+        version = trt_version(flavour)
+        fingerprint = fingerprint_of({
+            "trtc": __version__, "spec": spec.to_dict(), "weights": graphs.source.get("weights_sha256"),
+            "export": dataclasses.asdict(ecfg), "build": bcfg.to_dict(),
+            "tensorrt": [flavour.name, version]})
+        with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
+            engine_name = RANK_ENGINE.format(r=0)
+            with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
+                profiles = build_engine(graphs.dir / graphs.files[0], spec, bcfg, flavour, tmp / engine_name)
+            with stage("package", times):
+                if graphs.tokenizer_dir == graphs.dir:   # an export dir: already saved by trtc
+                    tok = package.copy_files(graphs.dir, tmp, graphs.tokenizer_files)
+                else:
+                    tok = save_tokenizer(graphs.tokenizer_dir, tmp)
+                files = [engine_name] + tok
+                onnx_files = []
+                if keep_onnx:
+                    for n in graphs.files:
+                        shutil.copy2(graphs.dir / n, tmp / n)
+                    onnx_files = list(graphs.files)
+                config = {
+                    "format_version": FORMAT_VERSION,
+                    "trtc_version": __version__,
+                    "fingerprint": fingerprint,
+                    "pretrained_config": {**spec.to_dict(), "dtype": ecfg.dtype},
+                    "build_config": {**bcfg.to_dict(), "profiles": [
+                        {"name": p.name, "shapes": {k: [list(x) for x in v] for k, v in p.shapes.items()}}
+                        for p in profiles]},
+                    "export_config": dataclasses.asdict(ecfg),
+                    "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+                    "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1, "ranks": [0]},
+                    "tensorrt": {"flavour": flavour.name, "version": version, "targets": list(targets)},
+                    "io": graphs.io,
+                    "engines": {"0": engine_name},
+                    "onnx": {"0": graphs.files[0]} if keep_onnx else None,
+                    "source": graphs.source,
+                    "passes": graphs.pass_stats,
+                    "files": package.file_table(tmp, files + onnx_files),
+                }
+                package.write_json(tmp / ENGINE_CONFIG, config)
+    finally:
+        shutil.rmtree(work_root, ignore_errors=True)
+    return output, times
+
+
+def _check_against_export(graphs: RankGraphs, dtype: str, max_seq_len: int | None) -> None:
+    if dtype not in ("auto", graphs.config.dtype):
+        raise TrtcError(f"--dtype {dtype} differs from the export dir's {graphs.config.dtype}; "
+                        f"re-export with --dtype {dtype} or drop --dtype")
+    if max_seq_len is not None and max_seq_len != graphs.config.max_seq_len:
+        raise TrtcError(f"--max-seq-len {max_seq_len} differs from the export dir's "
+                        f"{graphs.config.max_seq_len} (the KV cache length is fixed at export); "
+                        f"re-export with --max-seq-len {max_seq_len} or drop the option")

@@ -1,0 +1,61 @@
+"""OnnxRuntimeSession: runs the engine dir's kept rank graph on ONNX Runtime (CPU).
+
+This is the reference backend: the same graph the engine was built from, so token-level
+agreement with transformers proven here is agreement of the graph TensorRT compiled. The KV cache
+lives in OrtValues bound as both the past input and the present output of each step, so
+TensorScatter updates it in place instead of copying the whole cache every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trtc.errors import TrtcError
+
+from .engine_dir import EngineDir
+from .session import cache_names
+
+_ORT_TYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class OnnxRuntimeSession:
+    backend = "onnxruntime"
+
+    def __init__(self, ed: EngineDir, threads: int | None = None):
+        import onnxruntime as ort
+
+        onnx_file = ed.onnx_file
+        if onnx_file is None:
+            raise TrtcError(f"{ed.path} holds no ONNX rank graphs, which the onnxruntime backend runs; "
+                            f"rebuild it with `trtc build --keep-onnx`")
+        ed.verify([onnx_file, onnx_file + ".data"])
+        if ed.dtype not in _ORT_TYPES:
+            raise TrtcError(f"ONNX Runtime's CPU provider has no {ed.dtype} kernels for this graph; "
+                            f"build with --dtype float16 or float32 to check numerics on CPU")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.ed = ed
+        self.sess = ort.InferenceSession(str(ed.path / onnx_file), so, providers=["CPUExecutionProvider"])
+        self.names = cache_names(ed.spec.num_layers)
+        self.cache: list = []
+
+    def allocate(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        s = self.ed.spec
+        shape = (batch, s.num_kv_heads, self.ed.max_seq_len, s.head_dim)
+        zeros = np.zeros(shape, dtype=_ORT_TYPES[self.ed.dtype])
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy()) for _ in self.names]
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        io = self.sess.io_binding()
+        io.bind_output("logits")   # first, so it is get_outputs()[0]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for (past, present), value in zip(self.names, self.cache):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        self.sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy().astype(np.float32, copy=False)

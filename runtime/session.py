@@ -1,0 +1,30 @@
+"""The Session interface: run one rank's graph for one step, with a KV cache it owns.
+
+The generator drives any Session the same way: `allocate(batch)` once per generation, then
+`step(input_ids, position_ids)` for prefill (seq > 1) and decode (seq = 1). The KV cache is a
+fixed [batch, kv_heads, max_seq_len, head_dim] buffer per layer and per key/value; a step writes
+its new entries at each sequence's position_ids[:, 0] (TensorScatter / IKVCacheUpdateLayer) and
+attends to slots <= each query's position.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Session(Protocol):
+    backend: str          # "onnxruntime" or "tensorrt"
+
+    def allocate(self, batch: int) -> None:
+        """Fresh (zeroed) KV cache for `batch` sequences of up to max_seq_len tokens."""
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """input_ids, position_ids int64 [B, S] -> logits float32 [B, S, vocab]."""
+
+
+def cache_names(num_layers: int) -> list[tuple[str, str]]:
+    """(graph input, graph output) name pairs of the KV cache, in layer order."""
+    return [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(num_layers)
+            for kv in ("key", "value")]
