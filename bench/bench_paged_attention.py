@@ -205,6 +205,24 @@ def timings(sweep: bool) -> dict:
                         best = (t, cfg)
                 print(f"  decode sweep {kv}: best {best[0]:.4f} ms with {best[1]}")
                 dec[f"ours bs16 {'fp8' if kv != 'auto' else 'fp16'} (best cfg)"] = best[0]
+            if bs >= 32:  # TMA path: one page per tile, staged in shared memory
+                best = None
+                cfgs = [kernels.DecodeConfig(sp, bs, nw, st, tma=True) for sp in (1, 2) for nw in (4, 8)
+                        for st in (2, 3, 4)] if sweep else [kernels.decode_config(kv != "auto", bs, tma=True)]
+                for cfg in cfgs:
+                    try:
+                        t = time_ours_decode(case, cfg, rep=30 if sweep else 200)
+                    except Exception as e:
+                        print(f"  decode tma {kv} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                        continue
+                    kk = kernels._last["decode"]
+                    res.setdefault("decode_sweep", []).append(dict(kv=kv, bs=bs, cfg=dataclasses.asdict(cfg), ms=t,
+                                                                   regs=kk.n_regs, spills=kk.n_spills))
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best:
+                    print(f"  decode TMA bs{bs} {kv}: best {best[0]:.4f} ms with {best[1]}")
+                    dec[f"ours bs{bs} {'fp8' if kv != 'auto' else 'fp16'} TMA{' (best cfg)' if sweep else ''}"] = best[0]
             del case
             torch.cuda.empty_cache()
     res["decode_ms"] = dec

@@ -293,6 +293,82 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
 
 
 @triton.jit
+def _decode_page(q, acc, l_i, m_i, k, v, kpos, hi, qk_scale, MASK: tl.constexpr):
+    """Online-softmax update with one page of K/V [BS, D] (TMA path)."""
+    if MASK:
+        kin = kpos < hi
+        v = tl.where(kin[:, None], v, 0.0)  # slots past the sequence may hold anything (NaN)
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    if MASK:
+        s = tl.where(kin[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, l_i, m_new
+
+
+@triton.jit
+def paged_decode_tma_kernel(q_ptr, pool_desc, bt_ptr, cu_ptr, seq_lens_ptr, scales_ptr, max_blocks,
+                            out_ptr, part_o_ptr, part_lse_ptr,
+                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                            SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr,
+                            NUM_SPLITS: tl.constexpr):
+    """paged_decode_kernel with one page per tile, loaded by the TMA engine into shared memory
+    (pool_desc: the pool as a [num_blocks * 2 * Hkv * BS, D] matrix, block [BS, D]). The pipelined
+    tiles wait in shared memory, not registers: what the FP8 pool needs (RESULTS-paged-attention.md)."""
+    G: tl.constexpr = HQ // HKV
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(cu_ptr + b)
+    if tl.load(cu_ptr + b + 1) - tok != 1:
+        return
+    L = tl.load(seq_lens_ptr + b)
+    n_pages = tl.cdiv(L, BS)
+    per_split = tl.cdiv(n_pages, NUM_SPLITS)
+    p_lo = split * per_split
+    p_hi = tl.minimum(p_lo + per_split, n_pages)
+    p_full = tl.minimum(p_hi, L // BS)  # pages entirely inside the sequence
+
+    g = tl.arange(0, G_P)
+    g_ok = g < G
+    head = kvh * G + g
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (tok * HQ + head)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
+    qk_scale = SM_SCALE * 1.4426950408889634
+    if FP8:
+        qk_scale = qk_scale * tl.load(scales_ptr)
+    m_i = tl.full([G_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_P], tl.float32)
+    acc = tl.zeros([G_P, D], tl.float32)
+    bt_row = bt_ptr + b * max_blocks
+    offs = tl.arange(0, BS)
+    for pg in range(p_lo, p_full):
+        row = (tl.load(bt_row + pg) * (2 * HKV) + kvh) * BS
+        k = pool_desc.load([row, 0])
+        v = pool_desc.load([row + HKV * BS, 0])
+        acc, l_i, m_i = _decode_page(q, acc, l_i, m_i, k, v, pg * BS + offs, L, qk_scale, False)
+    if (p_full < p_hi) & (p_lo <= p_full):  # the sequence's last, partly filled page, if in this split
+        row = (tl.load(bt_row + p_full) * (2 * HKV) + kvh) * BS
+        k = pool_desc.load([row, 0])
+        v = pool_desc.load([row + HKV * BS, 0])
+        acc, l_i, m_i = _decode_page(q, acc, l_i, m_i, k, v, p_full * BS + offs, L, qk_scale, True)
+    if FP8:
+        acc = acc * tl.load(scales_ptr + 1)
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + (tok * HQ + head)[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None])
+    else:
+        row = (tok * HQ + head) * NUM_SPLITS + split
+        o = acc / tl.maximum(l_i, 1e-30)[:, None]
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=g_ok[:, None])
+        tl.store(part_lse_ptr + row, m_i + tl.math.log2(l_i), mask=g_ok)
+
+
+@triton.jit
 def combine_kernel(part_o_ptr, part_lse_ptr, out_ptr, HQ: tl.constexpr, D: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, S_P: tl.constexpr):
     t = tl.program_id(0)
@@ -328,6 +404,7 @@ class DecodeConfig:
     prefetch: bool = False
     swap_qk: bool = False
     k_t: bool = False  # load K as K^T [D, BLOCK_N] (tensor-core path only)
+    tma: bool = False  # paged_decode_tma_kernel: one page per tile via TMA (block_size >= 32); block_n ignored
 
 
 SEARCH = 128
@@ -354,10 +431,12 @@ def context_config(head_size: int, group: int) -> ContextConfig:
     return ContextConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
-def decode_config(fp8: bool) -> DecodeConfig:
+def decode_config(fp8: bool, block_size: int = 16, tma: bool = False) -> DecodeConfig:
     """Tuned on an H200 at batch 64 x context 4096, 32/8 heads, head 128 (RESULTS-paged-attention.md).
     FP8 wants bigger tiles: its loads are upcast in registers before the MMA, so Triton keeps the
     pipelined tiles in registers (~250/thread, 2 programs per SM) instead of shared memory."""
+    if tma:
+        return DecodeConfig(num_splits=0, block_n=block_size, num_warps=4, num_stages=3, tma=True)
     if fp8:
         return DecodeConfig(num_splits=0, block_n=128, num_warps=4, num_stages=2)
     return DecodeConfig(num_splits=0, block_n=64, num_warps=4, num_stages=3)
@@ -428,12 +507,25 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
             part_lse = torch.empty((T, hq, splits), dtype=torch.float32, device=q.device)
         else:
             part_o = part_lse = out  # unused
-        k = paged_decode_kernel[(B, hkv, splits)](
-            q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
-            out, part_o, part_lse,
-            HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
-            G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
-            USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, K_T=cfg.k_t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            if bs < 32:
+                raise SchemaError(f"the TMA decode path needs block_size >= 32, got {bs}")
+            desc = TensorDescriptor.from_tensor(kv_pool.view(-1, dh), block_shape=[bs, dh])
+            k = paged_decode_tma_kernel[(B, hkv, splits)](
+                q, desc, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
+                out, part_o, part_lse,
+                HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8, G_P=max(16, _pow2(group)),
+                NUM_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            k = paged_decode_kernel[(B, hkv, splits)](
+                q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
+                out, part_o, part_lse,
+                HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
+                G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n,
+                NUM_SPLITS=splits, USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, K_T=cfg.k_t,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _last["decode"] = k
         if splits > 1:
             combine_kernel[(T, hq)](part_o, part_lse, out, HQ=hq, D=dh, NUM_SPLITS=splits, S_P=_pow2(splits),
