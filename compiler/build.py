@@ -73,10 +73,21 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
         for n, (mn, op, mx) in prof.shapes.items():
             p.set_shape(n, mn, op, mx)
         config.add_optimization_profile(p)
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
+    # Stream the engine to disk as it is serialized: no second in-memory copy of the engine.
+    with open(engine_path, "wb") as f:
+        ok = builder.build_serialized_network_to_stream(network, config, _file_writer(trt, f))
+    if not ok:
         errs = "; ".join(logger.errors()[-5:]) or "no message"
         raise TrtcError(f"{flavour.name} failed to build the engine for {', '.join(cfg.targets)}: {errs}")
-    with open(engine_path, "wb") as f:
-        f.write(memoryview(blob))
     return profiles
+
+
+def _file_writer(trt, f):
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+
+        def write(self, data) -> int:
+            return f.write(data)
+
+    return FileWriter()

@@ -90,7 +90,7 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
             _wrapper(model, L), (ids, mask, pos, *past), dynamic_shapes=dynamic, dynamo=True,
             opset_version=cfg.opset, external_data=True,
             input_names=["input_ids", "attention_mask", "position_ids", *past_names(L)],
-            output_names=["logits", *present_names(L)], verbose=False, report=False,
+            output_names=["logits", *present_names(L)], verbose=bool(__import__('os').environ.get('TRTC_EXPORT_VERBOSE')), report=False,
         )
     if program is None:
         raise TrtcInternalError("torch.onnx.export returned no program")

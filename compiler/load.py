@@ -57,13 +57,8 @@ def weight_files(d: Path) -> list[Path]:
     return st or sorted(d.glob("pytorch_model*.bin"))
 
 
-def check_hf_dir(d: Path) -> None:
-    """Fail early, with the fix, on a dir that is not a complete HF causal LM dir."""
-    if not (d / "config.json").is_file():
-        raise TrtcError(
-            f"{d} has no config.json: it is not a Hugging Face model dir; pass a dir saved with "
-            f"save_pretrained(), a .gguf file, or a bundled model name ({', '.join(BUNDLED)})"
-        )
+def check_hf_files(d: Path) -> None:
+    """Fail early, with the fix, on an HF dir with missing weight or tokenizer files."""
     files = weight_files(d)
     if not files:
         raise TrtcError(
@@ -119,10 +114,15 @@ def resolve_source(model: str | None) -> Path:
 
 def load_model(model: str | None) -> LoadedModel:
     hf_dir = resolve_source(model)
-    check_hf_dir(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise TrtcError(
+            f"{hf_dir} has no config.json: it is not a Hugging Face model dir; pass a dir saved with "
+            f"save_pretrained(), a .gguf file, or a bundled model name ({', '.join(BUNDLED)})"
+        )
     cfg = read_hf_config(hf_dir)
-    adapter = adapter_for_config(cfg)
+    adapter = adapter_for_config(cfg)        # unsupported architectures fail here, before any I/O
     spec = adapter.spec_from_config(cfg)
+    check_hf_files(hf_dir)
     return LoadedModel(hf_dir=hf_dir, spec=spec, adapter=adapter, source=model or DEFAULT_MODEL,
                        weights_sha256=_sha256_files(weight_files(hf_dir)))
 

@@ -8,6 +8,7 @@ Stage names are what the CLI prints; pass names are what `--dump-after` accepts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -68,31 +69,23 @@ def _io_table(model) -> dict:
 
 def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, times: StageTimes,
                         dump_after: tuple[str, ...], dump_dir: Path | None) -> RankGraphs:
-    import gc
-
-    import onnx
-    import onnx_graphsurgeon as gs
-
     from .export import trace
+    from .onnx_io import load_graph, save_graph
 
     with stage("export", times, f"torch.onnx dynamo, opset {cfg.opset}, {cfg.dtype}"):
         traced = trace(loaded, cfg, work / "traced")
     with stage("passes", times):
-        graph = gs.import_onnx(onnx.load(str(traced.onnx_path)))
+        graph = load_graph(traced.onnx_path)
         ctx = PassContext(spec=loaded.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
-                          dump_dir=dump_dir)
+                          dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None)
         graph = run_passes(graph, ctx)
         check_graph(graph, after="all passes")
         info("[trtc]   " + ", ".join(f"{k}: {v}" for k, v in ctx.stats.items()))
-        model = gs.export_onnx(graph)
-        del graph
         name = RANK_ONNX.format(r=0)
-        onnx.save_model(model, str(work / name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=name + ".data", size_threshold=1024)
+        model = save_graph(graph, traced.onnx_path.parent / (traced.onnx_path.name + ".data"), work / name)
         io = _io_table(model)
-        del model
+        del model, graph
         shutil.rmtree(work / "traced", ignore_errors=True)
-        gc.collect()
     return RankGraphs(dir=work, files=(name, name + ".data"), spec=loaded.spec, config=cfg, io=io,
                       source={"model": loaded.source, "hf_dir": str(loaded.hf_dir),
                               "weights_sha256": loaded.weights_sha256},

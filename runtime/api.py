@@ -46,6 +46,9 @@ def open_session(ed: EngineDir, backend: str = "auto") -> Session:
             if backend == "tensorrt":
                 raise
             reason = str(e)
+            from trtc.log import info
+
+            info(f"[trtc] TensorRT backend not usable here ({reason}); trying onnxruntime")
     from .ort_session import OnnxRuntimeSession
 
     if backend == "auto" and ed.onnx_file is None:

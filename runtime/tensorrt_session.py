@@ -42,9 +42,14 @@ class TensorRTSession:
         flavour: Flavour = FLAVOURS.get(ed.config["tensorrt"]["flavour"])
         if flavour is None:
             raise TrtcError(f"{ed.path} names an unknown TensorRT flavour {ed.config['tensorrt']['flavour']!r}")
-        trt = import_trt(flavour)
-        check_tensorrt_compat(ed, trt, flavour.name, _gpu_sm())
+        built = ed.config["tensorrt"]
+        try:
+            trt = import_trt(flavour)
+        except TrtcError as e:
+            raise TrtcError(f"{ed.path} was built with {flavour.name} {built['version']}, which is not "
+                            f"usable here ({e})") from e
         ed.verify([ed.engine_file])
+        check_tensorrt_compat(ed, trt, flavour.name, _gpu_sm())
         import torch
 
         self.torch = torch

