@@ -188,10 +188,8 @@ def timings(sweep: bool) -> dict:
                 dec[f"varlen 1-kernel bs16 {'fp8' if kv != 'auto' else 'fp16'}"] = time_ours_decode(case, varlen_cfg=vcfg)
             if sweep and bs == 16:
                 best = None
-                # the FMA (use_dot=False) and register-prefetch variants lost everywhere on an H200
-                # (RESULTS-paged-attention.md); the sweep covers the tensor-core variants
-                cfgs = [kernels.DecodeConfig(sp, bn, nw, st, True, False, False, kt) for kt in (False, True)
-                        for bn in (64, 128, 256) for sp in (1, 2) for nw, st in ((4, 1), (4, 2), (4, 3), (8, 2))]
+                cfgs = [kernels.DecodeConfig(sp, bn, nw, st) for bn in (64, 128, 256) for sp in (1, 2, 4)
+                        for nw, st in ((4, 1), (4, 2), (4, 3), (8, 2))]
                 for cfg in cfgs:
                     try:
                         t = time_ours_decode(case, cfg, rep=30)
@@ -205,24 +203,6 @@ def timings(sweep: bool) -> dict:
                         best = (t, cfg)
                 print(f"  decode sweep {kv}: best {best[0]:.4f} ms with {best[1]}")
                 dec[f"ours bs16 {'fp8' if kv != 'auto' else 'fp16'} (best cfg)"] = best[0]
-            if bs >= 32:  # TMA path: one page per tile, staged in shared memory
-                best = None
-                cfgs = [kernels.DecodeConfig(sp, bs, nw, st, tma=True) for sp in (1, 2) for nw in (4, 8)
-                        for st in (2, 3, 4)] if sweep else [kernels.decode_config(kv != "auto", bs, tma=True)]
-                for cfg in cfgs:
-                    try:
-                        t = time_ours_decode(case, cfg, rep=30 if sweep else 200)
-                    except Exception as e:
-                        print(f"  decode tma {kv} {cfg}: {type(e).__name__}: {str(e)[:100]}")
-                        continue
-                    kk = kernels._last["decode"]
-                    res.setdefault("decode_sweep", []).append(dict(kv=kv, bs=bs, cfg=dataclasses.asdict(cfg), ms=t,
-                                                                   regs=kk.n_regs, spills=kk.n_spills))
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best:
-                    print(f"  decode TMA bs{bs} {kv}: best {best[0]:.4f} ms with {best[1]}")
-                    dec[f"ours bs{bs} {'fp8' if kv != 'auto' else 'fp16'} TMA{' (best cfg)' if sweep else ''}"] = best[0]
             del case
             torch.cuda.empty_cache()
     res["decode_ms"] = dec

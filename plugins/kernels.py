@@ -183,43 +183,15 @@ def paged_attention_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales
 
 
 @triton.jit
-def _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """K and V [BLOCK_N, D] of positions n0.. (masked at hi), in the pool's dtype."""
-    kpos = n0 + tl.arange(0, BLOCK_N)
-    kin = kpos < hi
-    blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
-    base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
-    k = tl.load(pool_kv + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
-    v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
-    return k, v
-
-
-@triton.jit
-def _load_kt_tile(pool_kv, bt_row, n0, hi, d, HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """K^T [D, BLOCK_N] and V [BLOCK_N, D] of positions n0.. (masked at hi), in the pool's dtype."""
-    kpos = n0 + tl.arange(0, BLOCK_N)
-    kin = kpos < hi
-    blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
-    base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
-    kt = tl.load(pool_kv + base[None, :] + d[:, None], mask=kin[None, :], other=0.0)
-    v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0)
-    return kt, v
-
-
-@triton.jit
 def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_ptr, max_blocks,
                         out_ptr, part_o_ptr, part_lse_ptr,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                         SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                        SWAP_QK: tl.constexpr, K_T: tl.constexpr):
-    """USE_DOT: scores and P@V on the tensor cores (rows padded to 16); else FMA in float32 on the
-    CUDA cores with G_P = pow2(group) rows (no padding, no shared-memory round trip for FP8).
-    PREFETCH: the next tile's loads are issued before the current tile is computed (registers).
-    SWAP_QK: scores as (K @ q^T)^T, so the (converted) K tile is the A operand, read from registers,
-    instead of a transposed B operand."""
+                        NUM_SPLITS: tl.constexpr):
+    """Program (sequence, KV head, split): the group's G query heads (rows padded to G_P >= 16 for
+    the MMA) against positions [split * per_split, ...) of the sequence, BLOCK_N per tile.
+    Variants measured and dropped (RESULTS-paged-attention.md, git history): CUDA-core FMA instead
+    of the MMA, register prefetch, K as the A operand, K loaded transposed, TMA page tiles."""
     G: tl.constexpr = HQ // HKV
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -240,43 +212,25 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
     qk_scale = SM_SCALE * 1.4426950408889634
     if FP8:
         qk_scale = qk_scale * tl.load(scales_ptr)
-    if not USE_DOT:
-        q = q.to(tl.float32) * qk_scale
     m_i = tl.full([G_P], float("-inf"), tl.float32)
     l_i = tl.zeros([G_P], tl.float32)
     acc = tl.zeros([G_P, D], tl.float32)
     pool_kv = pool_ptr + kvh * (BS * D)
     bt_row = bt_ptr + b * max_blocks
-    if PREFETCH:
-        k_nxt, v_nxt = _load_kv_tile(pool_kv, bt_row, lo, hi, d, HKV, BS, D, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        if PREFETCH:
-            k = k_nxt
-            v = v_nxt
-            k_nxt, v_nxt = _load_kv_tile(pool_kv, bt_row, n0 + BLOCK_N, hi, d, HKV, BS, D, BLOCK_N)
-        elif K_T:
-            k, v = _load_kt_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
-        else:
-            k, v = _load_kv_tile(pool_kv, bt_row, n0, hi, d, HKV, BS, D, BLOCK_N)
-        kin = (n0 + tl.arange(0, BLOCK_N)) < hi
-        if K_T:
-            s = tl.dot(q, k.to(q.dtype)) * qk_scale
-        elif USE_DOT:
-            if SWAP_QK:
-                s = tl.trans(tl.dot(k.to(q.dtype), tl.trans(q))) * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-        else:
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        kin = kpos < hi
+        blk = tl.load(bt_row + kpos // BS, mask=kin, other=0).to(tl.int64)
+        base = blk * (2 * HKV * BS * D) + (kpos % BS) * D
+        k = tl.load(pool_kv + base[:, None] + d[None, :], mask=kin[:, None], other=0.0).to(q.dtype)
+        v = tl.load(pool_kv + HKV * BS * D + base[:, None] + d[None, :], mask=kin[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(kin[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
     if FP8:
         acc = acc * tl.load(scales_ptr + 1)
@@ -286,82 +240,6 @@ def paged_decode_kernel(q_ptr, pool_ptr, bt_ptr, cu_ptr, seq_lens_ptr, scales_pt
                  mask=g_ok[:, None])
     else:
         # empty split (lo >= hi): l = 0, lse = -inf, o = 0; the combine gives it weight 0
-        row = (tok * HQ + head) * NUM_SPLITS + split
-        o = acc / tl.maximum(l_i, 1e-30)[:, None]
-        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=g_ok[:, None])
-        tl.store(part_lse_ptr + row, m_i + tl.math.log2(l_i), mask=g_ok)
-
-
-@triton.jit
-def _decode_page(q, acc, l_i, m_i, k, v, kpos, hi, qk_scale, MASK: tl.constexpr):
-    """Online-softmax update with one page of K/V [BS, D] (TMA path)."""
-    if MASK:
-        kin = kpos < hi
-        v = tl.where(kin[:, None], v, 0.0)  # slots past the sequence may hold anything (NaN)
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale
-    if MASK:
-        s = tl.where(kin[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return acc, l_i, m_new
-
-
-@triton.jit
-def paged_decode_tma_kernel(q_ptr, pool_desc, bt_ptr, cu_ptr, seq_lens_ptr, scales_ptr, max_blocks,
-                            out_ptr, part_o_ptr, part_lse_ptr,
-                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                            SM_SCALE: tl.constexpr, FP8: tl.constexpr, G_P: tl.constexpr,
-                            NUM_SPLITS: tl.constexpr):
-    """paged_decode_kernel with one page per tile, loaded by the TMA engine into shared memory
-    (pool_desc: the pool as a [num_blocks * 2 * Hkv * BS, D] matrix, block [BS, D]). The pipelined
-    tiles wait in shared memory, not registers: what the FP8 pool needs (RESULTS-paged-attention.md)."""
-    G: tl.constexpr = HQ // HKV
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    tok = tl.load(cu_ptr + b)
-    if tl.load(cu_ptr + b + 1) - tok != 1:
-        return
-    L = tl.load(seq_lens_ptr + b)
-    n_pages = tl.cdiv(L, BS)
-    per_split = tl.cdiv(n_pages, NUM_SPLITS)
-    p_lo = split * per_split
-    p_hi = tl.minimum(p_lo + per_split, n_pages)
-    p_full = tl.minimum(p_hi, L // BS)  # pages entirely inside the sequence
-
-    g = tl.arange(0, G_P)
-    g_ok = g < G
-    head = kvh * G + g
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (tok * HQ + head)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
-    qk_scale = SM_SCALE * 1.4426950408889634
-    if FP8:
-        qk_scale = qk_scale * tl.load(scales_ptr)
-    m_i = tl.full([G_P], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_P], tl.float32)
-    acc = tl.zeros([G_P, D], tl.float32)
-    bt_row = bt_ptr + b * max_blocks
-    offs = tl.arange(0, BS)
-    for pg in range(p_lo, p_full):
-        row = (tl.load(bt_row + pg) * (2 * HKV) + kvh) * BS
-        k = pool_desc.load([row, 0])
-        v = pool_desc.load([row + HKV * BS, 0])
-        acc, l_i, m_i = _decode_page(q, acc, l_i, m_i, k, v, pg * BS + offs, L, qk_scale, False)
-    if (p_full < p_hi) & (p_lo <= p_full):  # the sequence's last, partly filled page, if in this split
-        row = (tl.load(bt_row + p_full) * (2 * HKV) + kvh) * BS
-        k = pool_desc.load([row, 0])
-        v = pool_desc.load([row + HKV * BS, 0])
-        acc, l_i, m_i = _decode_page(q, acc, l_i, m_i, k, v, p_full * BS + offs, L, qk_scale, True)
-    if FP8:
-        acc = acc * tl.load(scales_ptr + 1)
-    if NUM_SPLITS == 1:
-        o = acc / l_i[:, None]
-        tl.store(out_ptr + (tok * HQ + head)[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=g_ok[:, None])
-    else:
         row = (tok * HQ + head) * NUM_SPLITS + split
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=g_ok[:, None])
@@ -400,11 +278,6 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    use_dot: bool = True
-    prefetch: bool = False
-    swap_qk: bool = False
-    k_t: bool = False  # load K as K^T [D, BLOCK_N] (tensor-core path only)
-    tma: bool = False  # paged_decode_tma_kernel: one page per tile via TMA (block_size >= 32); block_n ignored
 
 
 SEARCH = 128
@@ -431,12 +304,10 @@ def context_config(head_size: int, group: int) -> ContextConfig:
     return ContextConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
-def decode_config(fp8: bool, block_size: int = 16, tma: bool = False) -> DecodeConfig:
+def decode_config(fp8: bool) -> DecodeConfig:
     """Tuned on an H200 at batch 64 x context 4096, 32/8 heads, head 128 (RESULTS-paged-attention.md).
     FP8 wants bigger tiles: its loads are upcast in registers before the MMA, so Triton keeps the
     pipelined tiles in registers (~250/thread, 2 programs per SM) instead of shared memory."""
-    if tma:
-        return DecodeConfig(num_splits=0, block_n=block_size, num_warps=4, num_stages=3, tma=True)
     if fp8:
         return DecodeConfig(num_splits=0, block_n=128, num_warps=4, num_stages=2)
     return DecodeConfig(num_splits=0, block_n=64, num_warps=4, num_stages=3)
@@ -507,25 +378,11 @@ def paged_attention(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales,
             part_lse = torch.empty((T, hq, splits), dtype=torch.float32, device=q.device)
         else:
             part_o = part_lse = out  # unused
-        if cfg.tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            if bs < 32:
-                raise SchemaError(f"the TMA decode path needs block_size >= 32, got {bs}")
-            desc = TensorDescriptor.from_tensor(kv_pool.view(-1, dh), block_shape=[bs, dh])
-            k = paged_decode_tma_kernel[(B, hkv, splits)](
-                q, desc, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
-                out, part_o, part_lse,
-                HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8, G_P=max(16, _pow2(group)),
-                NUM_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        else:
-            k = paged_decode_kernel[(B, hkv, splits)](
-                q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
-                out, part_o, part_lse,
-                HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8,
-                G_P=max(16, _pow2(group)) if cfg.use_dot else _pow2(group), BLOCK_N=cfg.block_n,
-                NUM_SPLITS=splits, USE_DOT=cfg.use_dot, PREFETCH=cfg.prefetch, SWAP_QK=cfg.swap_qk, K_T=cfg.k_t,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        k = paged_decode_kernel[(B, hkv, splits)](
+            q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, block_tables.shape[1],
+            out, part_o, part_lse,
+            HQ=hq, HKV=hkv, D=dh, BS=bs, SM_SCALE=sm_scale, FP8=fp8, G_P=max(16, _pow2(group)),
+            BLOCK_N=cfg.block_n, NUM_SPLITS=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         _last["decode"] = k
         if splits > 1:
             combine_kernel[(T, hq)](part_o, part_lse, out, HQ=hq, D=dh, NUM_SPLITS=splits, S_P=_pow2(splits),
