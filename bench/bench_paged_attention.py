@@ -46,7 +46,11 @@ def _bootstrap() -> None:
 _bootstrap()
 
 import torch  # noqa: E402
-import triton  # noqa: E402
+
+try:
+    import triton  # noqa: E402
+except ImportError:
+    sys.exit("this benchmark needs Triton and a CUDA GPU (see bench/RESULTS-paged-attention.md)")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from trtc.plugins import kernels, reference as ref  # noqa: E402

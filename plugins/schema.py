@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from ..errors import TrtcError
+
 NAMESPACE = "trtc"
 
 # dtype names are torch's (str(torch.float16) without the "torch." prefix).
@@ -44,7 +46,7 @@ BLOCK_SIZES = (16, 32, 64)
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # "auto": the pool has the activations' dtype
 
 
-class SchemaError(ValueError):
+class SchemaError(TrtcError, ValueError):
     """A tensor or attribute does not match a plugin declaration (the caller can fix it)."""
 
 

@@ -23,6 +23,7 @@ path is what the Triton launcher (kernels.paged_attention) uses.
 import dataclasses
 import math
 
+from ..errors import TrtcError, TrtcInternalError
 from .schema import PAGED_ATTENTION, ROPE_KV_APPEND, PluginSpec
 
 UNAVAILABLE = ("full TensorRT (`tensorrt`) is not installable on trtc's machines (its -libs wheels download "
@@ -85,12 +86,12 @@ def compile_aot(spec: PluginSpec, act_dtype: str, pool_dtype: str, attrs: dict, 
                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SEARCH=kernels.SEARCH)
         num_warps, num_stages, block_q = cfg.num_warps, cfg.num_stages, cfg.block_m // group
     else:
-        raise ValueError(f"no AOT kernel for {spec.name}")
+        raise TrtcInternalError(f"no AOT kernel for {spec.name}")
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
     ck = triton.compile(src, target=GPUTarget("cuda", *target),
                         options=dict(num_warps=num_warps, num_stages=num_stages))
     if getattr(ck.metadata, "global_scratch_size", 0):
-        raise RuntimeError(f"{spec.name}: kernel needs Triton global scratch, which AOT plugins do not provide")
+        raise TrtcInternalError(f"{spec.name}: kernel needs Triton global scratch, which AOT plugins do not provide")
     ptx = ck.asm["ptx"]
     entry = ptx[ptx.index(".entry"):]
     num_params = entry[:entry.index(")")].count(".param")
@@ -109,7 +110,8 @@ def register():
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
-        raise RuntimeError(f"trtc plugins need full TensorRT: {UNAVAILABLE}") from e
+        raise TrtcError(f"trtc's attention plugins need full TensorRT (pip install 'trtc[tensorrt]' where "
+                        f"NVIDIA's index is reachable); here: {UNAVAILABLE}") from e
     from typing import List, Tuple
 
     def launch(kernel: AotKernel, grid_x, grid_y, extra):
