@@ -25,6 +25,7 @@ from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
 from .package import EXPORT_CONFIG, ENGINE_CONFIG, FORMAT_VERSION
 from .passes import PassContext, run_passes, validate_dump_after
+from .quantize import QuantConfig, quantize_rank_graph, resolve_for_model
 from .spec import ModelSpec, fingerprint_of
 
 RANK_ONNX = "rank{r}.onnx"
@@ -44,6 +45,7 @@ class RankGraphs:
     tokenizer_dir: Path
     pass_stats: dict
     tokenizer_files: tuple[str, ...] = ()
+    quantization: dict | None = None   # compiler/quantize.py report, when the graphs are quantized
 
 
 def default_output(model: str | None, root: str = "engines") -> Path:
@@ -103,7 +105,23 @@ def _load_export_dir(d: Path) -> RankGraphs:
     package.verify_files(d, files, onnx_files + tok, rebuild_hint="re-run trtc export")
     return RankGraphs(dir=d, files=tuple(onnx_files), spec=ModelSpec.from_dict(meta["pretrained_config"]),
                       config=ExportConfig(**meta["export_config"]), io=meta["io"], source=meta["source"],
-                      tokenizer_dir=d, pass_stats=meta.get("passes", {}), tokenizer_files=tuple(tok))
+                      tokenizer_dir=d, pass_stats=meta.get("passes", {}), tokenizer_files=tuple(tok),
+                      quantization=meta.get("quantization"))
+
+
+def _quantize(graphs: RankGraphs, q: QuantConfig, out_dir: Path, times: StageTimes) -> RankGraphs:
+    """Quantize rank 0's graph into out_dir (may be graphs.dir); see compiler/quantize.py."""
+    name = RANK_ONNX.format(r=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with stage("quantize", times, f"{q.algo}, kv cache {q.kv_cache_dtype}"):
+        res = quantize_rank_graph(graphs.dir / graphs.files[0], out_dir / name, graphs.spec, q,
+                                  graphs.tokenizer_dir, graphs.config.max_seq_len)
+    return dataclasses.replace(graphs, dir=out_dir, files=(name, name + ".data"), io=_io_table(res.model),
+                               quantization=res.report)
+
+
+def _no_quantization() -> dict:
+    return {"quant_algo": None, "kv_cache_quant_algo": None}
 
 
 def is_export_dir(model: str | None) -> bool:
@@ -111,21 +129,26 @@ def is_export_dir(model: str | None) -> bool:
 
 
 def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
-                 dump_after: tuple[str, ...] = ()) -> tuple[Path, StageTimes]:
+                 dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None) -> tuple[Path, StageTimes]:
     validate_dump_after(dump_after)
     times = StageTimes()
     with stage("load", times, model or DEFAULT_MODEL):
         loaded = load_model(model)
+    if quant is not None and quant.enabled:
+        quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
     cfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
                        max_seq_len=_default_seq_len(max_seq_len, loaded.spec))
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
         graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
+        if quant is not None and quant.enabled:
+            graphs = _quantize(graphs, quant, tmp, times)
         with stage("package", times):
             tok = save_tokenizer(loaded.hf_dir, tmp)
             meta = {
                 "format_version": FORMAT_VERSION, "trtc_version": __version__,
                 "pretrained_config": graphs.spec.to_dict(), "export_config": dataclasses.asdict(cfg),
                 "io": graphs.io, "source": graphs.source, "passes": graphs.pass_stats,
+                "quantization": graphs.quantization or _no_quantization(),
                 "tokenizer_files": tok,
                 "files": package.file_table(tmp, list(graphs.files) + tok),
             }
@@ -145,7 +168,7 @@ def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
 def build_model(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
                 dtype: str = "auto", max_batch_size: int = 8, max_input_len: int | None = None,
                 max_seq_len: int | None = None, keep_onnx: bool = False,
-                dump_after: tuple[str, ...] = ()) -> tuple[Path, StageTimes]:
+                dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None) -> tuple[Path, StageTimes]:
     from .build import build_engine
 
     validate_dump_after(dump_after)
@@ -156,6 +179,11 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
             with stage("load", times, f"export dir {model}"):
                 graphs = _load_export_dir(Path(model))
             _check_against_export(graphs, dtype, max_seq_len)
+            if quant is not None and quant.enabled:
+                if graphs.quantization and graphs.quantization.get("config"):
+                    raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
+                                    f"drop --quant/--kv-cache-dtype, or re-export without them")
+                quant = resolve_for_model(quant, graphs.spec)
         else:
             with stage("load", times, model or DEFAULT_MODEL):
                 loaded = load_model(model)
@@ -164,8 +192,12 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
             bcfg_check = BuildConfig(max_batch_size, max_input_len or min(1024, ecfg.max_seq_len),
                                      ecfg.max_seq_len, targets)  # validate options before exporting
             del bcfg_check
+            if quant is not None and quant.enabled:
+                quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
             graphs = _export_rank_graphs(loaded, ecfg, work_root, times, dump_after,
                                          output.parent / (output.name + ".dump"))
+        if quant is not None and quant.enabled:
+            graphs = _quantize(graphs, quant, work_root / "quant", times)
         spec, ecfg = graphs.spec, graphs.config
         bcfg = BuildConfig(max_batch_size=max_batch_size,
                            max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
@@ -174,13 +206,15 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         fingerprint = fingerprint_of({
             "trtc": __version__, "spec": spec.to_dict(), "weights": graphs.source.get("weights_sha256"),
             "export": dataclasses.asdict(ecfg), "build": bcfg.to_dict(),
-            "tensorrt": [flavour.name, version]})
+            "tensorrt": [flavour.name, version],
+            **({"quant": graphs.quantization["fingerprint"]} if graphs.quantization
+               and graphs.quantization.get("fingerprint") else {})})
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
             engine_name = RANK_ENGINE.format(r=0)
             with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
                 profiles = build_engine(graphs.dir / graphs.files[0], spec, bcfg, flavour, tmp / engine_name)
             with stage("package", times):
-                if graphs.tokenizer_dir == graphs.dir:   # an export dir: already saved by trtc
+                if graphs.tokenizer_files:   # an export dir: already saved by trtc
                     tok = package.copy_files(graphs.dir, tmp, graphs.tokenizer_files)
                 else:
                     tok = save_tokenizer(graphs.tokenizer_dir, tmp)
@@ -199,7 +233,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
                         {"name": p.name, "shapes": {k: [list(x) for x in v] for k, v in p.shapes.items()}}
                         for p in profiles]},
                     "export_config": dataclasses.asdict(ecfg),
-                    "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+                    "quantization": graphs.quantization or _no_quantization(),
                     "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1, "ranks": [0]},
                     "tensorrt": {"flavour": flavour.name, "version": version, "targets": list(targets)},
                     "io": graphs.io,

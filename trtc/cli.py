@@ -47,6 +47,34 @@ def _model_option(f):
                              "(default: the bundled SmolLM2-135M-Instruct).")(f)
 
 
+def _quant_options(f):
+    """--quant and friends, shared by build and export (compiler/quantize.py)."""
+    from trtc.compiler.quantize import ALGOS, KV_CACHE_DTYPES
+
+    opts = [
+        click.option("--quant", type=click.Choice(ALGOS), default="none", show_default=True,
+                     help="Weight (and activation) quantization: fp8 (sm_89+), int8_wo, int4_awq, "
+                          "int4_rtn (plain round-to-nearest), nvfp4 (sm_120, FP4 weights)."),
+        click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
+                     help="KV cache values rounded to 8 bits with calibrated scales (storage stays in the "
+                          "model dtype: TensorRT-RTX 1.7 rejects 8-bit caches)."),
+        click.option("--calib-data", default=None, metavar="FILE",
+                     help="Calibration text (UTF-8) [default: bundled trtc/data/calib.txt]."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows of 128 tokens [default: 16]."),
+        click.option("--group-size", type=int, default=None,
+                     help="int4: input rows per scale [default: 128, or the largest power of two dividing the layer sizes]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size):
+    from trtc.compiler.quantize import make_quant_config
+
+    return make_quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
+
+
 def _print_times(times) -> None:
     from trtc.log import info
 
@@ -69,17 +97,22 @@ def _print_times(times) -> None:
               help="TensorRT flavour: full TensorRT (datacenter) or TensorRT-RTX; auto prefers full TensorRT.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the rank ONNX graphs in the engine dir (for --backend onnxruntime).")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
-def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after):
+@_quant_options
+def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after,
+          quant, kv_cache_dtype, calib_data, calib_samples, group_size):
     """Build a TensorRT engine dir from a model."""
     from trtc.compiler.backend import parse_targets, resolve_flavour
     from trtc.compiler.pipeline import build_model, default_output
+    from trtc.compiler.quantize import check_targets, default_targets
 
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
     fl = resolve_flavour(flavour)
-    targets = parse_targets(target, fl)
+    targets = parse_targets(target, fl) if target else default_targets(qcfg, fl)
+    check_targets(qcfg, fl, targets)
     out = output or default_output(model)
     path, times = build_model(model, out, fl, targets, dtype=dtype, max_batch_size=max_batch_size,
                               max_input_len=max_input_len, max_seq_len=max_seq_len, keep_onnx=keep_onnx,
-                              dump_after=tuple(dump_after))
+                              dump_after=tuple(dump_after), quant=qcfg)
     _print_times(times)
     click.echo(str(path))
 
@@ -90,11 +123,14 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
 @click.option("--dtype", type=DTYPE_CHOICES, default="auto", show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="KV cache length [default: min(2048, model max)].")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
-def export(model, output, dtype, max_seq_len, dump_after):
+@_quant_options
+def export(model, output, dtype, max_seq_len, dump_after, quant, kv_cache_dtype, calib_data, calib_samples, group_size):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model
 
-    path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after))
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
+    path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after),
+                               quant=qcfg)
     _print_times(times)
     click.echo(str(path))
 
@@ -138,6 +174,31 @@ def run(engine_dir, prompts, max_new_tokens, temperature, top_k, top_p, seed, ch
             click.echo(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids}))
         else:
             click.echo(f"### {r.prompt}\n{r.text}\n")
+
+
+@main.command(name="eval")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", default=None, metavar="FILE",
+              help="Text to score [default: bundled trtc/data/eval.txt, disjoint from the calibration text].")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="Unquantized model for top-1 agreement (run in transformers fp32) [default: the engine dir's source].")
+@click.option("--no-reference", is_flag=True, help="Perplexity only.")
+@click.option("--window", type=int, default=None, help="Tokens per prefill window [default: min(256, max-input-len)].")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help='Print {"perplexity", "reference_perplexity", "top1_agreement", ...}.')
+def eval_(engine_dir, text_file, reference, no_reference, window, backend, as_json):
+    """Perplexity of an engine dir's model on a text, and top-1 agreement with its source model."""
+    from trtc.runtime.eval import evaluate
+
+    r = evaluate(engine_dir, text_file, reference=reference, backend=backend, window=window,
+                 no_reference=no_reference)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(f"perplexity           {r.perplexity:.4f}   ({r.tokens} tokens, {r.windows} windows, {r.backend})")
+    if r.reference_perplexity is not None:
+        click.echo(f"reference perplexity {r.reference_perplexity:.4f}   ({r.reference}, transformers fp32)")
+        click.echo(f"top-1 agreement      {r.top1_agreement:.4f}")
 
 
 if __name__ == "__main__":

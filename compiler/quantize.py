@@ -1,0 +1,584 @@
+"""Stage 3b, quantize: calibrate the rank graph on ONNX Runtime, store its weights in low precision.
+
+Runs after the passes, on the rank ONNX graph (`rank0.onnx` + external data), so the same graph
+feeds the TensorRT build and the reference backend: accuracy measured on ONNX Runtime is the
+accuracy of the graph TensorRT compiled.
+
+Modes (`--quant`), all symmetric, weights of every MatMul with a constant [K, N] weight except
+the lm_head (see EXCLUDED):
+  int8_wo   int8 weights, one scale per output channel: DequantizeLinear(axis=1) -> MatMul.
+  int4_rtn  int4 weights, one scale per `group_size` input rows of each output column:
+            blockwise DequantizeLinear(axis=0, block_size=G) -> MatMul; plain round-to-nearest.
+  int4_awq  int4_rtn plus activation-aware scaling (AWQ): per input channel k, the weight row is
+            multiplied by s_k and the activation divided by s_k (an explicit Mul, shared by the
+            MatMuls reading the same activation: q/k/v, gate/up). s = mean|x|^alpha, alpha searched
+            on the calibration activations to minimise ||x W - (x/s) Q(diag(s) W)||^2 over the
+            group; alpha = 0 is plain round-to-nearest, so the search never does worse than RTN on
+            the calibration data.
+  fp8       FP8 e4m3 weights (per output channel scales) and activations (per-tensor scale from
+            the calibration amax): QuantizeLinear -> DequantizeLinear on the activation,
+            DequantizeLinear on the weight, MatMul: TensorRT fuses this into an FP8 GEMM.
+  nvfp4     FP4 e2m1 weights in blocks of 16 input rows with FP8 e4m3 block scales and one fp32
+            global scale per weight (two DequantizeLinears). Activations stay in the model dtype
+            (weight-only): FP4 activations need dynamic block quantization, which standard ONNX
+            cannot express (TensorRT's own op for it is a custom op ONNX Runtime cannot run).
+
+KV cache (`--kv-cache-dtype fp8|int8`): the new K/V entries are rounded to the 8-bit grid with a
+calibrated per-layer scale (QuantizeLinear -> DequantizeLinear in front of each TensorScatter),
+so attention sees exactly the values an 8-bit cache would hold. The cache *storage* stays in the
+model dtype: TensorRT-RTX 1.7's KV-cache-update layer rejects 8-bit caches ("cache has type Int8
+but must have type Float, Half, or BFloat16"; the same for FP8), and ONNX Runtime has no FP8
+TensorScatter kernel. The accuracy is that of an 8-bit cache; the memory saving is not there yet.
+
+Why trtc quantizes itself instead of using nvidia-modelopt: modelopt's torch quantization runs on
+CPU, but its quantized torch models export only through the legacy TorchScript exporter, as
+`trt::TRT_FP8QuantizeLinear`-style custom ops that ONNX Runtime cannot run (so the reference
+backend could not check them) and that bypass trtc's dynamo export and passes; its `[onnx]`
+extra (ONNX-level quantization) pins onnx/onnxruntime-gpu/transformers versions that conflict with
+trtc's. Calibrating the rank graph itself also avoids mapping torch module names to ONNX nodes:
+each weight MatMul's activation input is simply exposed as an extra graph output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trtc.errors import TrtcError, TrtcInternalError
+from trtc.log import info
+
+from .backend import Flavour, sm_number
+from .spec import ModelSpec, fingerprint_of
+
+ALGOS = ("none", "fp8", "int8_wo", "int4_awq", "int4_rtn", "nvfp4")
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
+BUNDLED_CALIB = "calib.txt"     # Python reference manual sections; trtc/data/eval.txt is disjoint
+DEFAULT_GROUP_SIZE = 128
+NVFP4_BLOCK = 16
+FP8_MAX, INT8_MAX, INT4_MAX, FP4_MAX = 448.0, 127.0, 7.0, 6.0
+AWQ_ALPHAS = np.linspace(0.0, 1.0, 21)
+AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
+
+EXCLUDED = {
+    "lm_head": "kept in the model dtype: the logits' precision decides the next token, and the "
+               "layer is tied to the token embedding in many models",
+    "embedding": "a Gather, not a MatMul: nothing to gain in compute, kept in the model dtype",
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    algo: str = "none"
+    kv_cache_dtype: str = "auto"       # auto: the model dtype
+    group_size: int = DEFAULT_GROUP_SIZE   # int4: input rows per scale (resolved per model)
+    calib_source: str = "bundled:" + BUNDLED_CALIB
+    calib_sha256: str = ""
+    calib_samples: int = 16            # windows of calib_seq_len tokens
+    calib_seq_len: int = 128
+    group_size_explicit: bool = False  # the user named --group-size: never adjust it
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise TrtcError(f"--quant {self.algo!r} is unknown; use one of {', '.join(ALGOS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise TrtcError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is unknown; use one of "
+                            f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.group_size < 1:
+            raise TrtcError(f"--group-size {self.group_size} must be a positive integer, e.g. 128")
+        if self.calib_samples < 1:
+            raise TrtcError(f"--calib-samples {self.calib_samples} must be at least 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.algo != "none" or self.kv_cache_dtype != "auto"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algo in ("fp8", "int4_awq") or self.kv_cache_dtype != "auto"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("group_size_explicit")
+        if not self.algo.startswith("int4"):
+            d.pop("group_size")
+        if not self.needs_calibration:
+            for k in ("calib_source", "calib_sha256", "calib_samples", "calib_seq_len"):
+                d.pop(k)
+        return d
+
+    def fingerprint(self) -> str:
+        """Covers exactly what changes the quantized graph (calibration by content hash)."""
+        d = self.to_dict()
+        d.pop("calib_source", None)
+        return fingerprint_of(d)
+
+
+def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_data: str | None = None,
+                      calib_samples: int | None = None, group_size: int | None = None) -> QuantConfig:
+    """Validate the CLI options and hash the calibration text (the bundled one by default)."""
+    if calib_data is not None:
+        p = Path(calib_data).expanduser()
+        if not p.is_file():
+            raise TrtcError(f"--calib-data {calib_data}: no such file; pass a UTF-8 text file")
+        source = str(p)
+    else:
+        p = DATA_DIR / BUNDLED_CALIB
+        source = "bundled:" + BUNDLED_CALIB
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrtcError(f"--calib-data {p}: not UTF-8 text ({e}); pass a plain text file") from e
+    if not text.strip():
+        raise TrtcError(f"--calib-data {p} is empty; pass a file with some text (a few thousand tokens)")
+    return QuantConfig(algo=algo, kv_cache_dtype=kv_cache_dtype,
+                       group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
+                       group_size_explicit=group_size is not None,
+                       calib_source=source, calib_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                       calib_samples=16 if calib_samples is None else calib_samples)
+
+
+def _min_sm(q: QuantConfig, flavour: Flavour) -> tuple[int, str] | None:
+    """(minimum compute capability, what needs it) for this config on this flavour, or None."""
+    if q.algo == "nvfp4":
+        return flavour.fp4_min_sm, "--quant nvfp4"
+    if q.algo == "fp8":
+        return flavour.fp8_min_sm, "--quant fp8"
+    if q.kv_cache_dtype == "fp8":
+        return flavour.fp8_min_sm, "--kv-cache-dtype fp8"
+    return None
+
+
+def default_targets(q: QuantConfig, flavour: Flavour) -> tuple[str, ...]:
+    """The flavour's default targets that can run `q` (used only when --target is not given)."""
+    need = _min_sm(q, flavour)
+    if need is None:
+        return flavour.default_targets
+    ok = tuple(t for t in flavour.default_targets if sm_number(t) >= need[0])
+    if not ok:
+        ok = tuple(t for t in flavour.targets if sm_number(t) >= need[0])[:1]
+    if ok and ok != flavour.default_targets:
+        info(f"[trtc] {need[1]}: building for {','.join(ok)} (the default targets that support it)")
+    return ok
+
+
+def check_targets(q: QuantConfig, flavour: Flavour, targets: tuple[str, ...]) -> None:
+    """Before any work: every requested target must support the precision."""
+    need = _min_sm(q, flavour)
+    if need is None:
+        return
+    min_sm, what = need
+    bad = [t for t in targets if sm_number(t) < min_sm]
+    if not bad:
+        return
+    ok = [t for t in targets if sm_number(t) >= min_sm] or [t for t in flavour.targets if sm_number(t) >= min_sm]
+    alt = {"--quant nvfp4": "--quant fp8 or int4_awq", "--quant fp8": "--quant int8_wo",
+           "--kv-cache-dtype fp8": "--kv-cache-dtype int8"}[what]
+    where = f"--target {','.join(ok)}" if ok else f"a flavour with sm_{min_sm}+ targets"
+    raise TrtcError(f"{what} needs compute capability {min_sm // 10}.{min_sm % 10}+ on {flavour.name}, "
+                    f"but target {', '.join(bad)} is older; build for {where}, or use {alt}")
+
+
+def _in_features(spec: ModelSpec) -> dict[str, int]:
+    return {"hidden size": spec.hidden_size, "attention output size": spec.num_heads * spec.head_dim,
+            "intermediate size": spec.intermediate_size}
+
+
+def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
+    """Check the group size against every linear layer's input size. The default (128) falls back
+    to the largest power of two that divides them all (e.g. 64 for hidden size 576); a group size
+    the user named is never changed."""
+    if not q.algo.startswith("int4"):
+        return q
+    feats = _in_features(spec)
+    bad = {k: v for k, v in feats.items() if v % q.group_size}
+    if not bad:
+        return q
+    g = q.group_size
+    while g > 1 and any(v % g for v in feats.values()):
+        g //= 2
+    if q.group_size_explicit or g < 16:
+        name, val = next(iter(bad.items()))
+        raise TrtcError(f"--group-size {q.group_size} does not divide the {name} {val} of this model; "
+                        f"use a divisor of {', '.join(str(v) for v in feats.values())}, e.g. {g}")
+    info(f"[trtc] --quant {q.algo}: group size {q.group_size} does not divide the "
+         f"{next(iter(bad))} {next(iter(bad.values()))}; using {g}")
+    return dataclasses.replace(q, group_size=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph analysis
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Targets:
+    matmuls: list            # onnx NodeProto, MatMul with constant [K, N] weight
+    groups: dict             # activation tensor name -> [MatMul nodes reading it]
+    lm_head: object | None   # the MatMul producing the logits
+    scatters: list           # TensorScatter nodes (KV cache writes)
+
+
+def _find_targets(model) -> _Targets:
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    lm_head = None
+    t = "logits"
+    for _ in range(4):   # logits <- (Cast | Reshape | Identity)* <- MatMul
+        n = producer.get(t)
+        if n is None:
+            break
+        if n.op_type == "MatMul":
+            lm_head = n
+            break
+        t = n.input[0]
+    matmuls, groups = [], {}
+    for n in g.node:
+        if n.op_type != "MatMul" or n is lm_head:
+            continue
+        w = inits.get(n.input[1])
+        if w is None or len(w.dims) != 2:
+            continue
+        matmuls.append(n)
+        groups.setdefault(n.input[0], []).append(n)
+    scatters = [n for n in g.node if n.op_type == "TensorScatter"]
+    return _Targets(matmuls, groups, lm_head, scatters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: run the rank graph on ONNX Runtime, activations exposed as extra outputs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _ActStats:
+    amax: float = 0.0
+    abs_sum: np.ndarray | None = None     # [K] sum of |x| over tokens
+    count: int = 0
+    rows: list = dataclasses.field(default_factory=list)   # sampled [r, K] float32 blocks
+
+    def add(self, x: np.ndarray, keep_rows: int) -> None:
+        x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        self.amax = max(self.amax, float(np.abs(x).max()))
+        s = np.abs(x).sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[0]
+        if keep_rows:
+            step = max(1, x.shape[0] // keep_rows)
+            self.rows.append(x[::step][:keep_rows])
+
+
+def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -> list[np.ndarray]:
+    """The calibration text as token windows [min(calib_seq_len, max_seq_len)] (fewer windows
+    than calib_samples if the text is short; positions must stay inside the rotary cache)."""
+    from transformers import AutoTokenizer
+
+    text = (Path(q.calib_source) if not q.calib_source.startswith("bundled:")
+            else DATA_DIR / q.calib_source.removeprefix("bundled:")).read_text(encoding="utf-8")
+    ids = np.array(AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"], dtype=np.int64)
+    if len(ids) < 8:
+        raise TrtcError(f"--calib-data {q.calib_source} has {len(ids)} tokens; give at least a few hundred")
+    S = min(q.calib_seq_len, max_seq_len, len(ids))
+    n = min(q.calib_samples, len(ids) // S)
+    return [ids[i * S:(i + 1) * S] for i in range(n)]
+
+
+def calibrate(onnx_path: Path, names: list[str], awq_names: set[str], windows: list[np.ndarray],
+              spec: ModelSpec, max_seq_len: int) -> dict[str, _ActStats]:
+    """Run the graph over the windows; statistics of each tensor in `names`."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    have = {o.name for o in m.graph.output}
+    # Activations have the dtype of the logits (the model dtype): ONNX Runtime needs the type.
+    elem = next(o.type.tensor_type.elem_type for o in m.graph.output if o.name == "logits")
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
+    # Same dir as the rank graph: its external data references are relative to it.
+    tmp = onnx_path.parent / f".calib-{os.getpid()}.onnx"
+    onnx.save_model(m, str(tmp))
+    del m
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+    finally:
+        tmp.unlink(missing_ok=True)
+    cache_type = {i.name: i.type for i in sess.get_inputs()}
+    dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    stats = {n: _ActStats() for n in names}
+    keep = max(1, AWQ_ROWS // max(1, len(windows)))
+    for w in windows:
+        feeds = {"input_ids": w[None], "position_ids": np.arange(len(w), dtype=np.int64)[None]}
+        for name, t in cache_type.items():
+            if name.startswith("past_key_values."):
+                feeds[name] = np.zeros((1, spec.num_kv_heads, max_seq_len, spec.head_dim), dtype=dt[t])
+        outs = sess.run(names, feeds)
+        for n, x in zip(names, outs):
+            stats[n].add(x, keep if n in awq_names else 0)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight quantizers: numpy [K, N] float32 -> (stored values, scales); dequantization as ONNX does
+# ---------------------------------------------------------------------------------------------
+
+def quant_int8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.maximum(np.abs(w).max(0), 1e-8) / INT8_MAX                       # [N]
+    return np.clip(np.round(w / s), -INT8_MAX, INT8_MAX).astype(np.int8), s
+
+
+def quant_int4_block(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+    K, N = w.shape
+    wb = w.reshape(K // g, g, N)
+    s = np.maximum(np.abs(wb).max(1), 1e-8) / INT4_MAX                      # [K/g, N]
+    q = np.clip(np.round(wb / s[:, None, :]), -8, INT4_MAX).reshape(K, N)
+    return q.astype(np.int8), s                                             # int4 range in int8
+
+
+def dequant_int4_block(q: np.ndarray, s: np.ndarray, g: int) -> np.ndarray:
+    K, N = q.shape
+    return (q.reshape(K // g, g, N).astype(np.float32) * s[:, None, :]).reshape(K, N)
+
+
+def quant_fp8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import ml_dtypes
+
+    s = np.maximum(np.abs(w).max(0), 1e-8) / FP8_MAX
+    return (w / s).astype(ml_dtypes.float8_e4m3fn), s
+
+
+def quant_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """FP4 e2m1 values, FP8 e4m3 block scales [K/16, N], fp32 global scale (NVFP4 recipe)."""
+    import ml_dtypes
+
+    K, N = w.shape
+    wb = w.reshape(K // NVFP4_BLOCK, NVFP4_BLOCK, N)
+    block = np.maximum(np.abs(wb).max(1), 1e-12) / FP4_MAX                  # [K/16, N] float
+    gscale = np.float32(max(float(block.max()), 1e-12) / FP8_MAX)
+    s8 = (block / gscale).astype(ml_dtypes.float8_e4m3fn)
+    s = np.maximum(s8.astype(np.float32) * gscale, 1e-12)
+    q = (wb / s[:, None, :]).reshape(K, N).astype(ml_dtypes.float4_e2m1fn)
+    return q, s8, gscale
+
+
+def awq_search(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], g: int) -> tuple[np.ndarray, float, float]:
+    """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K].
+    Returns (s, alpha, loss ratio vs round-to-nearest)."""
+    ref = [x @ w for w in weights]
+    best = (None, 0.0, np.inf)
+    rtn = None
+    base = np.maximum(mean_abs, 1e-8)
+    for alpha in AWQ_ALPHAS:
+        s = base ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        xs = x / s
+        loss = 0.0
+        for w, r in zip(weights, ref):
+            q, sc = quant_int4_block(w * s[:, None], g)
+            loss += float(((xs @ dequant_int4_block(q, sc, g) - r) ** 2).sum())
+        if alpha == 0.0:
+            rtn = loss
+        if loss < best[2]:
+            best = (s.astype(np.float32), float(alpha), loss)
+    return best[0], best[1], best[2] / max(rtn, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rewrite
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantResult:
+    onnx_path: Path
+    model: object          # ModelProto without weights, for the io table
+    report: dict           # config.json "quantization"
+
+
+def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, tokenizer_dir: Path,
+                        max_seq_len: int) -> QuantResult:
+    """Quantize `src` (rank graph + external data) into `out` (+ out.name + '.data').
+    `out` may equal `src`: everything is read before anything is written."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = resolve_for_model(q, spec)
+    model = onnx.load(str(src), load_external_data=False)
+    tg = _find_targets(model)
+    if q.algo != "none" and not tg.matmuls:
+        raise TrtcInternalError("quantize: no MatMul with a constant weight in the rank graph")
+
+    stats: dict[str, _ActStats] = {}
+    kv_inputs = [n.input[1] for n in tg.scatters]
+    if q.needs_calibration:
+        names = []
+        awq = set()
+        if q.algo in ("fp8", "int4_awq"):
+            names += list(tg.groups)
+            if q.algo == "int4_awq":
+                awq = set(tg.groups)
+        if q.kv_cache_dtype != "auto":
+            names += kv_inputs
+        windows = calibration_windows(tokenizer_dir, q, max_seq_len)
+        info(f"[trtc]   calibration: {len(windows)} windows of {len(windows[0])} tokens, "
+             f"{len(names)} tensors")
+        stats = calibrate(src, list(dict.fromkeys(names)), awq, windows, spec, max_seq_len)
+
+    del model
+    model = onnx.load(str(src), load_external_data=True)
+    g = model.graph
+    tg = _find_targets(model)          # node objects of the fully loaded model
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    fdtype = inits[tg.matmuls[0].input[1]].data_type if tg.matmuls else TensorProto.FLOAT
+    np_f = helper.tensor_dtype_to_np_dtype(fdtype)
+    before: dict[int, list] = {}       # id(node) -> nodes to insert before it
+    new_inits = []
+    drop = set()
+
+    def const(name, arr):
+        new_inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def insert(node, *nodes):
+        before.setdefault(id(node), []).extend(nodes)
+
+    awq_log = []
+    for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
+        ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+        x_in = x_name
+        if q.algo == "int4_awq":
+            st = stats[x_name]
+            rows = np.concatenate(st.rows)
+            s, alpha, ratio = awq_search(rows, st.abs_sum / st.count, ws, q.group_size)
+            awq_log.append((alpha, ratio))
+            x_in = f"{x_name}_awq"
+            insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_awq_inv_scale", (1.0 / s).astype(np_f))],
+                                              [x_in], name=f"{x_name}_awq_mul"))
+            ws = [w * s[:, None] for w in ws]
+        elif q.algo == "fp8":
+            sa = np.array(max(stats[x_name].amax, 1e-8) / FP8_MAX, dtype=np_f)
+            sc = const(f"{x_name}_fp8_scale", sa)
+            zp = f"{x_name}_fp8_zp"
+            new_inits.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+            x_in = f"{x_name}_fp8_dq"
+            insert(nodes[0],
+                   helper.make_node("QuantizeLinear", [x_name, sc, zp], [f"{x_name}_fp8"], name=f"{x_name}_fp8_q"),
+                   helper.make_node("DequantizeLinear", [f"{x_name}_fp8", sc], [x_in], name=f"{x_name}_fp8_dq"))
+        for n, w in zip(nodes, ws):
+            wname = n.input[1]
+            base = f"{wname}_{q.algo}"
+            if q.algo == "int8_wo":
+                qv, s = quant_int8_channel(w)
+                qt = numpy_helper.from_array(qv, base + "_q")
+                dq = helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
+                                      [base + "_w"], name=base + "_dq", axis=1)
+                deq = [dq]
+            elif q.algo in ("int4_awq", "int4_rtn"):
+                import ml_dtypes
+
+                qv, s = quant_int4_block(w, q.group_size)
+                qt = numpy_helper.from_array(qv.astype(ml_dtypes.int4), base + "_q")
+                deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
+                                        [base + "_w"], name=base + "_dq", axis=0, block_size=q.group_size)]
+            elif q.algo == "fp8":
+                qv, s = quant_fp8_channel(w)
+                qt = numpy_helper.from_array(qv, base + "_q")
+                deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
+                                        [base + "_w"], name=base + "_dq", axis=1)]
+            elif q.algo == "nvfp4":
+                qv, s8, gs = quant_nvfp4(w)
+                qt = numpy_helper.from_array(qv, base + "_q")
+                s8t = numpy_helper.from_array(s8, base + "_s8")
+                new_inits.append(s8t)
+                deq = [helper.make_node("DequantizeLinear", [s8t.name, const(base + "_gs", np.array(gs, dtype=np_f))],
+                                        [base + "_s"], name=base + "_sdq"),
+                       helper.make_node("DequantizeLinear", [qt.name, base + "_s"], [base + "_w"],
+                                        name=base + "_dq", axis=0, block_size=NVFP4_BLOCK)]
+            else:
+                raise TrtcInternalError(f"quantize: no weight rule for {q.algo}")
+            new_inits.append(qt)
+            insert(n, *deq)
+            uses[wname] -= 1
+            if uses[wname] == 0:
+                drop.add(wname)
+            n.input[1] = base + "_w"
+            n.input[0] = x_in
+
+    kv_scales = {}
+    if q.kv_cache_dtype != "auto":
+        qmax, qtype = (FP8_MAX, TensorProto.FLOAT8E4M3FN) if q.kv_cache_dtype == "fp8" else (INT8_MAX, TensorProto.INT8)
+        for n in tg.scatters:
+            new = n.input[1]
+            sv = max(stats[new].amax, 1e-8) / qmax
+            kv_scales[n.output[0]] = sv
+            base = f"{n.output[0]}_kv{q.kv_cache_dtype}"
+            sc = const(base + "_s", np.array(sv, dtype=np_f))
+            new_inits.append(helper.make_tensor(base + "_zp", qtype, [], [0]))
+            insert(n, helper.make_node("QuantizeLinear", [new, sc, base + "_zp"], [base + "_q"], name=base + "_q"),
+                   helper.make_node("DequantizeLinear", [base + "_q", sc], [base + "_dq"], name=base + "_dq"))
+            n.input[1] = base + "_dq"
+
+    nodes = []
+    for n in g.node:
+        nodes.extend(before.get(id(n), []))
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    keep = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+
+    data = out.parent / (out.name + ".data")
+    data.unlink(missing_ok=True)    # onnx appends to an existing data file; all is in memory now
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    # the proto now holds external references only (onnx moved the bytes out on save)
+    slim = onnx.load(str(out), load_external_data=False)
+
+    report = {
+        "quant_algo": None if q.algo == "none" else q.algo,
+        "kv_cache_quant_algo": None if q.kv_cache_dtype == "auto" else q.kv_cache_dtype,
+        "config": q.to_dict(),
+        "fingerprint": q.fingerprint(),
+        "quantized_linears": len(tg.matmuls) if q.algo != "none" else 0,
+        "excluded": dict(EXCLUDED) if q.algo != "none" else {},
+    }
+    if q.algo.startswith("int4"):
+        report["group_size"] = q.group_size
+        report["weights"] = "int4 symmetric, blockwise scales along the input dim (DequantizeLinear axis 0)"
+    elif q.algo == "int8_wo":
+        report["weights"] = "int8 symmetric, per-output-channel scales"
+    elif q.algo == "fp8":
+        report["weights"] = "fp8 e4m3, per-output-channel scales"
+        report["activations"] = "fp8 e4m3, per-tensor scales from calibration amax"
+    elif q.algo == "nvfp4":
+        report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"
+        report["activations"] = "model dtype (weight-only: dynamic FP4 activation quantization has no standard ONNX op)"
+    if awq_log:
+        alphas = [a for a, _ in awq_log]
+        ratios = [r for _, r in awq_log]
+        report["awq"] = {"groups": len(awq_log), "alpha_mean": round(float(np.mean(alphas)), 3),
+                         "calib_loss_vs_rtn_mean": round(float(np.mean(ratios)), 4)}
+        info(f"[trtc]   awq: {len(awq_log)} groups, mean alpha {np.mean(alphas):.2f}, "
+             f"calibration loss vs RTN {np.mean(ratios):.3f}")
+    if kv_scales:
+        report["kv_cache"] = {
+            "values": f"{q.kv_cache_dtype}, one calibrated scale per layer and K/V",
+            "storage_dtype": helper.tensor_dtype_to_np_dtype(fdtype).name,
+            "why_not_8bit_storage": "TensorRT-RTX 1.7 IKVCacheUpdateLayer (TensorScatter) rejects 8-bit "
+                                    "caches: 'cache has type Int8 but must have type Float, Half, or BFloat16'",
+        }
+    if q.needs_calibration:
+        report["calibration"] = {"source": q.calib_source, "sha256": q.calib_sha256,
+                                 "samples": q.calib_samples, "seq_len": q.calib_seq_len}
+    return QuantResult(onnx_path=out, model=slim, report=report)
