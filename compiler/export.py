@@ -61,7 +61,7 @@ def _wrapper(model, num_layers: int):
                 res += [layer.keys, layer.values]
             return tuple(res)
 
-    return CausalLMWithCache(model)
+    return CausalLMWithCache(model).eval()
 
 
 def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:

@@ -50,10 +50,8 @@ def verify_files(d: Path, table: dict[str, dict], names: list[str] | None = None
             raise TrtcError(f"{p} does not match its sha256 in the dir's config (corrupted); {rebuild_hint}")
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path, marker: str):
-    """Yield a temp dir; on success replace `final` with it. `final` may only be replaced when it
-    is missing, empty, or a dir trtc wrote before (it holds `marker`)."""
+def check_output_dir(final: Path, marker: str) -> None:
+    """An output dir may be replaced only when missing, empty, or written by trtc before."""
     final = final.resolve()
     if final.exists():
         if not final.is_dir():
@@ -61,6 +59,14 @@ def atomic_dir(final: Path, marker: str):
         if any(final.iterdir()) and not (final / marker).is_file():
             raise TrtcError(f"--output {final} exists, is not empty and was not written by trtc; "
                             f"choose another path or remove it")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, marker: str):
+    """Yield a temp dir; on success replace `final` with it. `final` may only be replaced when it
+    is missing, empty, or a dir trtc wrote before (it holds `marker`)."""
+    final = final.resolve()
+    check_output_dir(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

@@ -131,6 +131,7 @@ def is_export_dir(model: str | None) -> bool:
 def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
                  dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None) -> tuple[Path, StageTimes]:
     validate_dump_after(dump_after)
+    package.check_output_dir(output, EXPORT_CONFIG)      # before any expensive work
     times = StageTimes()
     with stage("load", times, model or DEFAULT_MODEL):
         loaded = load_model(model)
@@ -172,6 +173,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
     from .build import build_engine
 
     validate_dump_after(dump_after)
+    package.check_output_dir(output, ENGINE_CONFIG)      # before any expensive work
     times = StageTimes()
     work_root = Path(tempfile.mkdtemp(prefix="trtc-work-"))
     try:

@@ -158,3 +158,8 @@ def test_not_a_gguf(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"not a gguf file at all")
     assert_user_error(trtc("build", "--model", f, "--output", tmp_path / "out"), "not a readable GGUF")
+
+
+def test_chat_without_template(tiny_engine):
+    assert_user_error(trtc("run", tiny_engine("llama"), "--backend", "onnxruntime", "--chat", "--prompt", "hi"),
+                      "no chat template", "--chat")
