@@ -195,17 +195,13 @@ def _gguf_to_hf_dir(gguf: Path, out: Path) -> None:
         src.generation_config.save_pretrained(out)
 
 
-def prepare_gguf(gguf: Path) -> Path:
-    h = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    final = cache_dir() / "models" / f"gguf-{h.hexdigest()[:16]}"
+def _convert_once(gguf: Path, final: Path, what: str) -> Path:
+    """Convert `gguf` into the cached HF dir `final` unless it is there; atomic (temp + rename)."""
     if (final / "config.json").is_file():
         return final
     from trtc.log import info
 
-    info(f"[trtc] converting {gguf.name} into a Hugging Face dir at {final} (once)")
+    info(f"[trtc] preparing {what} from {gguf.name} into {final} (once)")
     tmp = _atomic_dir(final)
     try:
         _gguf_to_hf_dir(gguf, tmp)
@@ -213,6 +209,12 @@ def prepare_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def prepare_gguf(gguf: Path) -> Path:
+    from .package import sha256_file
+
+    return _convert_once(gguf, cache_dir() / "models" / f"gguf-{sha256_file(gguf)[:16]}", "a Hugging Face dir")
 
 
 def prepare_bundled(name: str) -> Path:
@@ -227,13 +229,4 @@ def prepare_bundled(name: str) -> Path:
     gguf = Path(spec.origin).parent / fname
     if not gguf.is_file():
         raise TrtcError(f"{gguf} is missing from the installed {pip_spec}; reinstall it")
-    from trtc.log import info
-
-    info(f"[trtc] preparing bundled model {name} from {gguf.name} into {final} (once)")
-    tmp = _atomic_dir(final)
-    try:
-        _gguf_to_hf_dir(gguf, tmp)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _convert_once(gguf, final, f"bundled model {name}")
