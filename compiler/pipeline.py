@@ -20,7 +20,7 @@ from trtc.log import StageTimes, info, stage
 
 from . import package
 from .backend import Flavour, trt_version
-from .config import BuildConfig, ExportConfig, resolve_dtype
+from .config import BuildConfig, ExportConfig, resolve_attention, resolve_dtype
 from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
 from .package import EXPORT_CONFIG, ENGINE_CONFIG, FORMAT_VERSION
@@ -79,7 +79,8 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
     with stage("passes", times):
         graph = load_graph(traced.onnx_path)
         ctx = PassContext(spec=loaded.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
-                          dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None)
+                          dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None,
+                          attention=cfg.attention, kv_block_size=cfg.kv_block_size or 16)
         graph = run_passes(graph, ctx)
         check_graph(graph, after="all passes")
         info("[trtc]   " + ", ".join(f"{k}: {v}" for k, v in ctx.stats.items()))
@@ -129,8 +130,11 @@ def is_export_dir(model: str | None) -> bool:
 
 
 def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
-                 dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None) -> tuple[Path, StageTimes]:
-    validate_dump_after(dump_after)
+                 dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
+                 attention: str | None = None, kv_block_size: int | None = None) -> tuple[Path, StageTimes]:
+    attention, kv_block_size = resolve_attention(attention, kv_block_size)
+    _check_plugin_quant(attention, quant)
+    validate_dump_after(dump_after, attention)
     package.check_output_dir(output, EXPORT_CONFIG)      # before any expensive work
     times = StageTimes()
     with stage("load", times, model or DEFAULT_MODEL):
@@ -138,7 +142,8 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
     if quant is not None and quant.enabled:
         quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
     cfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
-                       max_seq_len=_default_seq_len(max_seq_len, loaded.spec))
+                       max_seq_len=_default_seq_len(max_seq_len, loaded.spec),
+                       attention=attention, kv_block_size=kv_block_size)
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
         graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
         if quant is not None and quant.enabled:
@@ -169,10 +174,16 @@ def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
 def build_model(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
                 dtype: str = "auto", max_batch_size: int = 8, max_input_len: int | None = None,
                 max_seq_len: int | None = None, keep_onnx: bool = False,
-                dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None) -> tuple[Path, StageTimes]:
-    from .build import build_engine
+                dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
+                attention: str | None = None, kv_block_size: int | None = None) -> tuple[Path, StageTimes]:
+    """attention/kv_block_size None: native, or the export dir's."""
+    from .build import build_engine, check_plugin_kernels
 
-    validate_dump_after(dump_after)
+    if not is_export_dir(model):
+        attention, kv_block_size = resolve_attention(attention, kv_block_size)
+        _check_plugin_flavour(attention, flavour)       # before anything is loaded or written
+        _check_plugin_quant(attention, quant)
+    validate_dump_after(dump_after, attention or "native")
     package.check_output_dir(output, ENGINE_CONFIG)      # before any expensive work
     times = StageTimes()
     work_root = Path(tempfile.mkdtemp(prefix="trtc-work-"))
@@ -181,6 +192,9 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
             with stage("load", times, f"export dir {model}"):
                 graphs = _load_export_dir(Path(model))
             _check_against_export(graphs, dtype, max_seq_len)
+            _check_attention_against_export(graphs, attention, kv_block_size)
+            _check_plugin_flavour(graphs.config.attention, flavour)
+            _check_plugin_quant(graphs.config.attention, quant)
             if quant is not None and quant.enabled:
                 if graphs.quantization and graphs.quantization.get("config"):
                     raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
@@ -190,7 +204,9 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
             with stage("load", times, model or DEFAULT_MODEL):
                 loaded = load_model(model)
             ecfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
-                                max_seq_len=_default_seq_len(max_seq_len, loaded.spec))
+                                max_seq_len=_default_seq_len(max_seq_len, loaded.spec),
+                                attention=attention, kv_block_size=kv_block_size)
+            check_plugin_kernels(loaded.spec, ecfg)      # full TensorRT: the kernels' dtypes/head sizes
             bcfg_check = BuildConfig(max_batch_size, max_input_len or min(1024, ecfg.max_seq_len),
                                      ecfg.max_seq_len, targets)  # validate options before exporting
             del bcfg_check
@@ -201,6 +217,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         if quant is not None and quant.enabled:
             graphs = _quantize(graphs, quant, work_root / "quant", times)
         spec, ecfg = graphs.spec, graphs.config
+        check_plugin_kernels(spec, ecfg)
         bcfg = BuildConfig(max_batch_size=max_batch_size,
                            max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
                            max_seq_len=ecfg.max_seq_len, targets=targets)
@@ -214,7 +231,8 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
             engine_name = RANK_ENGINE.format(r=0)
             with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
-                profiles = build_engine(graphs.dir / graphs.files[0], spec, bcfg, flavour, tmp / engine_name)
+                profiles = build_engine(graphs.dir / graphs.files[0], spec, bcfg, flavour, tmp / engine_name,
+                                        kv_block_size=ecfg.kv_block_size)
             with stage("package", times):
                 if graphs.tokenizer_files:   # an export dir: already saved by trtc
                     tok = package.copy_files(graphs.dir, tmp, graphs.tokenizer_files)
@@ -249,6 +267,30 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
     return output, times
+
+
+def _check_plugin_flavour(attention: str, flavour: Flavour) -> None:
+    if attention == "plugin" and not flavour.plugins:
+        raise TrtcError(f"--attention plugin needs TensorRT's plugin layer, which {flavour.name} does not have "
+                        f"(trtc's attention plugins are a full-TensorRT feature); use --attention native, or "
+                        f"--flavour tensorrt where full TensorRT is installed (`trtc export --attention plugin` "
+                        f"writes the plugin-form graph without TensorRT)")
+
+
+def _check_plugin_quant(attention: str, quant: QuantConfig | None) -> None:
+    if attention == "plugin" and quant is not None and quant.enabled:
+        raise TrtcError("--quant/--kv-cache-dtype with --attention plugin is not supported yet (the quantizer "
+                        "works on the native graph's Attention/TensorScatter); drop one of them")
+
+
+def _check_attention_against_export(graphs: RankGraphs, attention: str | None, kv_block_size: int | None) -> None:
+    have = graphs.config
+    if attention is not None and attention != have.attention:
+        raise TrtcError(f"--attention {attention} differs from the export dir's {have.attention}; "
+                        f"re-export with --attention {attention} or drop --attention")
+    if kv_block_size is not None and kv_block_size != have.kv_block_size:
+        raise TrtcError(f"--kv-block-size {kv_block_size} differs from the export dir's {have.kv_block_size}; "
+                        f"re-export with it or drop --kv-block-size")
 
 
 def _check_against_export(graphs: RankGraphs, dtype: str, max_seq_len: int | None) -> None:

@@ -1,8 +1,11 @@
 """Plain torch reference of the plugins declared in plugins/schema.py (exactly their semantics).
 
-Slow and simple on purpose: per-sequence loops, float32 arithmetic. The Triton kernels are checked
-against it on the GPU; it is checked against a float64 attention over a contiguous KV on the CPU
-(tests/plugins). `attention_step_numpy` is the entry a CPU custom op (ONNX Runtime) can call.
+Slow and simple on purpose: per-sequence loops, float32 arithmetic. It accepts any even head size
+and float32 activations too (schema `reference=True`), beyond what the kernels support, so tiny
+fp32 test models run plugin-form graphs on the CPU reference backend. The Triton kernels are
+checked against it on the GPU; it is checked against a float64 attention over a contiguous KV on
+the CPU (tests/plugins). `rope_kv_append_numpy` / `paged_attention_numpy` are the ONNX Runtime
+custom ops' entries (runtime/ort_plugin_session.py); `attention_step_numpy` runs both.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def rope_kv_append(q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_
     """RopeKvAppend: returns q_rot; writes rotated k and v into kv_pool in place."""
     names = [t.name for t in ROPE_KV_APPEND.inputs]
     tensors = dict(zip(names, (q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_lens, kv_scales, kv_pool)))
-    check_call(ROPE_KV_APPEND, tensors, attrs)
+    check_call(ROPE_KV_APPEND, tensors, attrs, reference=True)
     bs = kv_pool.shape[3]
     seq, pos = token_layout(cu_seqlens_q, seq_lens)
     pos_d = pos.to(q.device)
@@ -90,8 +93,9 @@ def gather_kv(kv_pool, block_tables, b: int, length: int, kv_scales) -> tuple[to
 def paged_attention_f32(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs) -> torch.Tensor:
     """PagedAttention in float32 (the output before the final cast to q's dtype)."""
     names = [t.name for t in PAGED_ATTENTION.inputs]
-    check_call(PAGED_ATTENTION, dict(zip(names, (q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales))), attrs)
-    attrs = PAGED_ATTENTION.attr_values(**attrs)
+    check_call(PAGED_ATTENTION, dict(zip(names, (q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales))), attrs,
+               reference=True)
+    attrs = PAGED_ATTENTION.attr_values(reference=True, **attrs)
     scale = softmax_scale(attrs)
     group = attrs["num_q_heads"] // attrs["num_kv_heads"]
     cu = cu_seqlens_q.long().cpu().tolist()
@@ -145,3 +149,19 @@ def attention_step_numpy(q, k, v, rope_cos, rope_sin, kv_pool, block_tables, cu_
     q_rot = rope_kv_append(tq, tk, tv, tc, ts, tbt, tcu, tsl, tsc, pool, **append_attrs)
     out = paged_attention(q_rot, pool, tbt, tcu, tsl, tsc, **attrs)
     return _to_numpy(out, q), _to_numpy(pool, kv_pool)
+
+
+def rope_kv_append_numpy(q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_lens, kv_scales, kv_pool,
+                         **attrs):
+    """RopeKvAppend on numpy arrays (the ONNX Runtime custom op, runtime/ort_plugin_session.py).
+    Returns (q_rot, updated kv_pool); the input kv_pool is not modified."""
+    args = [_to_torch(a) for a in (q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_lens, kv_scales)]
+    pool = _to_torch(kv_pool).clone()
+    q_rot = rope_kv_append(*args, pool, **attrs)
+    return _to_numpy(q_rot, q), _to_numpy(pool, kv_pool)
+
+
+def paged_attention_numpy(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs):
+    """PagedAttention on numpy arrays (the ONNX Runtime custom op). Returns out [T, Hq, D]."""
+    args = [_to_torch(a) for a in (q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales)]
+    return _to_numpy(paged_attention(*args, **attrs), q)

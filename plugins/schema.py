@@ -44,6 +44,11 @@ POOL_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 HEAD_SIZES = (64, 128)
 BLOCK_SIZES = (16, 32, 64)
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # "auto": the pool has the activations' dtype
+# The SEMANTICS above are defined for any even head size and float32 too; only the kernels are
+# limited to ACT_DTYPES/HEAD_SIZES. `reference=True` in attr_values/check_call checks the
+# semantics alone: what the torch reference (and the CPU reference backend running plugin-form
+# graphs of tiny fp32 test models) accepts. The default checks what the kernels support.
+REFERENCE_EXTRA_DTYPES = ("float32",)
 
 
 class SchemaError(TrtcError, ValueError):
@@ -86,8 +91,9 @@ class PluginSpec:
     def input(self, name: str) -> TensorSpec:
         return {t.name: t for t in self.inputs}[name]
 
-    def attr_values(self, **given: Any) -> dict[str, Any]:
-        """Defaults filled in, unknown names and wrong types/choices rejected."""
+    def attr_values(self, reference: bool = False, **given: Any) -> dict[str, Any]:
+        """Defaults filled in, unknown names and wrong types/choices rejected. `reference=True`:
+        head_size may be any even number (the kernels' HEAD_SIZES are not enforced)."""
         known = {a.name: a for a in self.attrs}
         unknown = set(given) - set(known)
         if unknown:
@@ -101,7 +107,10 @@ class PluginSpec:
                 v = float(v)
             if not isinstance(v, a.type) or (a.type is int and isinstance(v, bool)):
                 raise SchemaError(f"{self.name}: attribute {a.name}={v!r} must be {a.type.__name__}")
-            if a.choices is not None and v not in a.choices:
+            if reference and a.name == "head_size":
+                if v < 2 or v % 2:
+                    raise SchemaError(f"{self.name}: attribute head_size={v} must be even and positive")
+            elif a.choices is not None and v not in a.choices:
                 raise SchemaError(f"{self.name}: attribute {a.name}={v!r} not in {a.choices}")
             out[a.name] = v
         return out
@@ -183,11 +192,12 @@ def _dtype_name(t: Any) -> str:
 
 
 def check_call(spec: PluginSpec, tensors: Mapping[str, Any], attrs: Mapping[str, Any],
-               outputs: bool = False) -> dict[str, int]:
+               outputs: bool = False, reference: bool = False) -> dict[str, int]:
     """Check tensors (anything with .shape and .dtype: torch tensors; numpy arrays with a torch-like
     dtype name) against `spec`; return the bound dimensions. `outputs=True` also checks outputs
-    that are present in `tensors`."""
-    attrs = spec.attr_values(**attrs)
+    that are present in `tensors`. `reference=True` checks the semantics only (float32 activations
+    and pools, any even head size: see REFERENCE_EXTRA_DTYPES)."""
+    attrs = spec.attr_values(reference=reference, **attrs)
     dims: dict[str, int] = {k: v for k, v in attrs.items() if isinstance(v, int) and not isinstance(v, bool)}
     hq, hkv, d = attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_size"]
     if hkv < 1 or hq % hkv:
@@ -201,8 +211,9 @@ def check_call(spec: PluginSpec, tensors: Mapping[str, Any], attrs: Mapping[str,
             raise SchemaError(f"{spec.name}: missing input {ts.name!r}")
         t = tensors[ts.name]
         dt = _dtype_name(t)
-        if dt not in ts.dtypes:
-            raise SchemaError(f"{spec.name}: {ts.name} has dtype {dt}, allowed {ts.dtypes}")
+        allowed = ts.dtypes + (REFERENCE_EXTRA_DTYPES if reference and ts.dtypes in (ACT_DTYPES, POOL_DTYPES) else ())
+        if dt not in allowed:
+            raise SchemaError(f"{spec.name}: {ts.name} has dtype {dt}, allowed {allowed}")
         if ts.same_dtype_as and ts.same_dtype_as in tensors and dt != _dtype_name(tensors[ts.same_dtype_as]):
             raise SchemaError(f"{spec.name}: {ts.name} dtype {dt} differs from {ts.same_dtype_as}")
         shape = tuple(int(s) for s in t.shape)

@@ -37,6 +37,16 @@ def open_session(ed: EngineDir, backend: str = "auto") -> Session:
     if backend not in BACKENDS:
         raise TrtcError(f"--backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     reason = None
+    if ed.is_export or ed.attention == "plugin":
+        # An export dir has no engine; running plugin-form engines in TensorRT (plugin registration,
+        # paged KV buffers) is not written yet. Both run on the reference backend.
+        reason = ("an export dir holds no engine (build one with `trtc build --model DIR`)" if ed.is_export else
+                  "plugin-form engines (--attention plugin) run only on the onnxruntime reference backend "
+                  "in this version")
+        if backend == "tensorrt" or ed.onnx_file is None:
+            fix = "use --backend onnxruntime" if ed.onnx_file else "rebuild with --keep-onnx for --backend onnxruntime"
+            raise TrtcError(f"cannot run {ed.path} with the TensorRT backend: {reason}; {fix}")
+        backend = "onnxruntime"
     if backend in ("auto", "tensorrt"):
         from .tensorrt_session import TensorRTSession
 
@@ -54,6 +64,10 @@ def open_session(ed: EngineDir, backend: str = "auto") -> Session:
     if backend == "auto" and ed.onnx_file is None:
         raise TrtcError(f"cannot run {ed.path}: TensorRT is not usable here ({reason}), and the dir holds "
                         f"no ONNX graphs for the onnxruntime backend (rebuild with --keep-onnx)")
+    if ed.attention == "plugin":
+        from .ort_plugin_session import OnnxRuntimePluginSession
+
+        return OnnxRuntimePluginSession(ed)
     return OnnxRuntimeSession(ed)
 
 

@@ -5,6 +5,10 @@ backend, just before use) the sha256 of each file that backend will read. For th
 backend, also the installed TensorRT flavour/version and the GPU's compute capability against what
 the engine was built for, before deserializing (a mismatched engine otherwise fails deep inside
 TensorRT, or not at all).
+
+An export dir (`trtc export`) loads too, for the onnxruntime backend only: it holds the rank graph
+but no engine, so its limits are the export's (max_seq_len; prompts up to max_seq_len; batches of
+EXPORT_DIR_BATCH sequences).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtc.compiler.package import ENGINE_CONFIG, FORMAT_VERSION, verify_files
+from trtc.compiler.package import ENGINE_CONFIG, EXPORT_CONFIG, FORMAT_VERSION, verify_files
 from trtc.compiler.spec import ModelSpec
 from trtc.errors import TrtcError
+
+
+EXPORT_DIR_BATCH = 8   # sequences per batch when running an export dir (it has no build limits)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,20 @@ class EngineDir:
         return int(self.build["max_seq_len"])
 
     @property
+    def is_export(self) -> bool:
+        """An export dir: ONNX rank graphs only, no engine."""
+        return not self.config.get("engines")
+
+    @property
+    def attention(self) -> str:
+        """"native" (per-layer KV caches) or "plugin" (trtc plugins, paged KV cache)."""
+        return self.config.get("export_config", {}).get("attention", "native")
+
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.config.get("export_config", {}).get("kv_block_size", 16))
+
+    @property
     def onnx_file(self) -> str | None:
         onnx = self.config.get("onnx")
         return onnx["0"] if onnx else None
@@ -65,6 +86,8 @@ def load_engine_dir(path: str | Path) -> EngineDir:
     if not p.is_dir():
         raise TrtcError(f"{p} is not a directory; pass the engine dir written by trtc build")
     cfg_path = p / ENGINE_CONFIG
+    if not cfg_path.is_file() and (p / EXPORT_CONFIG).is_file():
+        return _load_export_dir(p)
     if not cfg_path.is_file():
         raise TrtcError(f"{p} has no {ENGINE_CONFIG}: it is not a trtc engine dir; "
                         f"build one with `trtc build --output {p}`")
@@ -75,6 +98,23 @@ def load_engine_dir(path: str | Path) -> EngineDir:
     if config.get("format_version") != FORMAT_VERSION or "fingerprint" not in config:
         raise TrtcError(f"{cfg_path} is not a trtc engine config of format {FORMAT_VERSION}; "
                         f"rebuild the engine dir with this trtc")
+    return EngineDir(path=p, config=config, spec=ModelSpec.from_dict(config["pretrained_config"]))
+
+
+def _load_export_dir(p: Path) -> EngineDir:
+    try:
+        meta = json.loads((p / EXPORT_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise TrtcError(f"{p / EXPORT_CONFIG} is not valid JSON ({e}); re-run trtc export") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise TrtcError(f"{p} was exported by another trtc format ({meta.get('format_version')}); "
+                        f"re-run trtc export with this version")
+    ecfg = meta["export_config"]
+    seq = int(ecfg["max_seq_len"])
+    onnx = sorted(n for n in meta["files"] if n.startswith("rank") and n.endswith(".onnx"))
+    config = {**meta, "pretrained_config": {**meta["pretrained_config"], "dtype": ecfg["dtype"]},
+              "build_config": {"max_batch_size": EXPORT_DIR_BATCH, "max_input_len": seq, "max_seq_len": seq},
+              "onnx": {"0": onnx[0]} if onnx else None, "engines": None}
     return EngineDir(path=p, config=config, spec=ModelSpec.from_dict(config["pretrained_config"]))
 
 

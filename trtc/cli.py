@@ -69,6 +69,16 @@ def _quant_options(f):
     return f
 
 
+def _attention_options(f):
+    """--attention and --kv-block-size, shared by build and export (compiler/passes/plugin_attention.py)."""
+    f = click.option("--kv-block-size", type=click.Choice(["16", "32", "64"]), default=None,
+                     help="Tokens per KV block with --attention plugin [default: 16].")(f)
+    return click.option("--attention", type=click.Choice(["native", "plugin"]), default=None,
+                        help="native: ONNX Attention/RotaryEmbedding/KV-cache-update ops (TensorRT's own layers); "
+                             "plugin: trtc's RopeKvAppend/PagedAttention plugins with a paged KV cache (full "
+                             "TensorRT only) [default: native, or the export dir's].")(f)
+
+
 def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size):
     from trtc.compiler.quantize import make_quant_config
 
@@ -98,7 +108,9 @@ def _print_times(times) -> None:
 @click.option("--keep-onnx", is_flag=True, help="Keep the rank ONNX graphs in the engine dir (for --backend onnxruntime).")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
 @_quant_options
+@_attention_options
 def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after,
+          attention, kv_block_size,
           quant, kv_cache_dtype, calib_data, calib_samples, group_size):
     """Build a TensorRT engine dir from a model."""
     from trtc.compiler.backend import parse_targets, resolve_flavour
@@ -112,7 +124,8 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
     out = output or default_output(model)
     path, times = build_model(model, out, fl, targets, dtype=dtype, max_batch_size=max_batch_size,
                               max_input_len=max_input_len, max_seq_len=max_seq_len, keep_onnx=keep_onnx,
-                              dump_after=tuple(dump_after), quant=qcfg)
+                              dump_after=tuple(dump_after), quant=qcfg, attention=attention,
+                              kv_block_size=int(kv_block_size) if kv_block_size else None)
     _print_times(times)
     click.echo(str(path))
 
@@ -124,13 +137,16 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
 @click.option("--max-seq-len", type=int, default=None, help="KV cache length [default: min(2048, model max)].")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
 @_quant_options
-def export(model, output, dtype, max_seq_len, dump_after, quant, kv_cache_dtype, calib_data, calib_samples, group_size):
+@_attention_options
+def export(model, output, dtype, max_seq_len, dump_after, attention, kv_block_size, quant, kv_cache_dtype, calib_data,
+           calib_samples, group_size):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model
 
     qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
     path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after),
-                               quant=qcfg)
+                               quant=qcfg, attention=attention,
+                               kv_block_size=int(kv_block_size) if kv_block_size else None)
     _print_times(times)
     click.echo(str(path))
 

@@ -1,7 +1,10 @@
 """Graph passes: small named functions `(graph, ctx) -> graph` over onnx-graphsurgeon graphs.
 
 Each pass finds its targets by pattern and leaves everything else alone. `PIPELINE` is the order
-`trtc build/export` runs them in; its names are what `--dump-after NAME` accepts.
+`trtc build/export` runs them in; its names are what `--dump-after NAME` accepts. With
+`--attention plugin`, PLUGIN_PIPELINE runs instead: the native lowering, then plugin_attention
+(compiler/passes/plugin_attention.py) replaces each layer's rotary/KV-update/attention nodes by
+trtc's plugins.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class PassContext:
     dump_dir: Path | None = None
     check: Callable | None = None             # graph check run after every pass (tests)
     stats: dict[str, int] = field(default_factory=dict)   # pass name -> number of rewrites
+    attention: str = "native"                 # "native" | "plugin": which pipeline runs
+    kv_block_size: int = 16                   # tokens per KV block (plugin form only)
 
 
 PassFn = Callable[["object", PassContext], "object"]
@@ -42,24 +47,34 @@ def get_pass(name: str) -> PassFn:
     return _PASSES[name]
 
 
-from . import attention, cleanup, kv_cache, rotary  # noqa: E402,F401  (registers the passes)
+from . import attention, cleanup, kv_cache, plugin_attention, rotary  # noqa: E402,F401  (registers the passes)
 
 PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions",
             "rotary_cache", "cleanup")
+PLUGIN_PIPELINE = PIPELINE[:-1] + ("plugin_attention", "cleanup")
+PIPELINES = {"native": PIPELINE, "plugin": PLUGIN_PIPELINE}
 
 
-def validate_dump_after(names: tuple[str, ...]) -> None:
-    bad = [n for n in names if n not in PIPELINE]
+def pipeline_for(attention: str = "native") -> tuple[str, ...]:
+    if attention not in PIPELINES:
+        raise TrtcError(f"--attention {attention!r} is unknown; use one of {', '.join(PIPELINES)}")
+    return PIPELINES[attention]
+
+
+def validate_dump_after(names: tuple[str, ...], attention: str = "native") -> None:
+    passes = pipeline_for(attention)
+    bad = [n for n in names if n not in passes]
     if bad:
-        raise TrtcError(f"--dump-after {', '.join(bad)}: unknown pass; passes: {', '.join(PIPELINE)}")
+        raise TrtcError(f"--dump-after {', '.join(bad)}: unknown pass with --attention {attention}; "
+                        f"passes: {', '.join(passes)}")
 
 
 def run_passes(graph, ctx: PassContext):
     import onnx
     import onnx_graphsurgeon as gs
 
-    validate_dump_after(ctx.dump_after)
-    for name in PIPELINE:
+    validate_dump_after(ctx.dump_after, ctx.attention)
+    for name in pipeline_for(ctx.attention):
         graph = _PASSES[name](graph, ctx)
         graph.toposort()   # passes append new nodes at the end; keep the order valid
         if ctx.check is not None:
