@@ -235,7 +235,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
                                         kv_block_size=ecfg.kv_block_size)
             with stage("package", times):
                 if graphs.tokenizer_files:   # an export dir: already saved by trtc
-                    tok = package.copy_files(graphs.dir, tmp, graphs.tokenizer_files)
+                    tok = package.copy_files(graphs.tokenizer_dir, tmp, graphs.tokenizer_files)
                 else:
                     tok = save_tokenizer(graphs.tokenizer_dir, tmp)
                 files = [engine_name] + tok

@@ -1,0 +1,116 @@
+"""Quantization benchmark: accuracy (trtc eval), engine size and build time per --quant mode.
+
+Exports the model once (`trtc export`, float32 by default), then per mode runs
+`trtc build --model EXPORT_DIR --quant MODE --keep-onnx --target T` and
+`trtc eval ENGINE_DIR --json --backend onnxruntime` (reference: the source model in transformers
+fp32; text: the bundled eval text, disjoint from the calibration text). Each command runs as a
+subprocess, exactly as a user would run it; the JSON rows go to --out.
+
+    python bench/bench_quant.py --out bench/results-quant/smollm2.json
+    python bench/bench_quant.py --modes none,int8_wo --export /tmp/export-f32   # reuse an export
+
+Targets: sm_89 for every mode (fp8 needs 8.9+), sm_120 for nvfp4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRTC = [sys.executable, "-m", "trtc.cli"]
+MODES = {  # name -> (build flags, target)
+    "none": ([], "sm_89"),
+    "int8_wo": (["--quant", "int8_wo"], "sm_89"),
+    "fp8": (["--quant", "fp8"], "sm_89"),
+    "int4_rtn": (["--quant", "int4_rtn"], "sm_89"),
+    "int4_awq": (["--quant", "int4_awq"], "sm_89"),
+    "kv_fp8": (["--kv-cache-dtype", "fp8"], "sm_89"),
+    "kv_int8": (["--kv-cache-dtype", "int8"], "sm_89"),
+    "nvfp4": (["--quant", "nvfp4"], "sm_120"),
+}
+
+
+def run(cmd: list[str], log) -> tuple[subprocess.CompletedProcess, float]:
+    t = time.time()
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    log.write(res.stderr[-4000:] + res.stdout[-2000:] + "\n")
+    log.flush()
+    return res, time.time() - t
+
+
+def stage_times(stderr: str) -> dict[str, float]:
+    out = {}
+    for line in stderr.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "[trtc]" and parts[1] in ("load", "export", "passes", "quantize", "build", "package"):
+            try:
+                out[parts[1]] = float(parts[2])
+            except ValueError:
+                pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-seq-len", default="512")
+    ap.add_argument("--export", type=Path, default=Path("engines/bench-quant/export"))
+    ap.add_argument("--engines", type=Path, default=Path("engines/bench-quant"))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--out", type=Path, default=Path("bench/results-quant/smollm2.json"))
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(args.out.with_suffix(".log"), "a")
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    env_note = {"machine": f"{platform.node()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if not (args.export / "trtc_export.json").is_file():
+        cmd = [*TRTC, "export", "--output", str(args.export), "--dtype", args.dtype, "--max-seq-len", args.max_seq_len]
+        if args.model:
+            cmd += ["--model", args.model]
+        res, dt = run(cmd, log)
+        if res.returncode:
+            sys.exit(f"export failed:\n{res.stderr[-3000:]}")
+        rows.append({"mode": "export", "seconds": round(dt, 1), **env_note})
+    for mode in args.modes.split(","):
+        flags, target = MODES[mode]
+        out = args.engines / mode
+        res, dt = run([*TRTC, "build", "--model", str(args.export), "--output", str(out), "--keep-onnx",
+                       "--target", target, *flags], log)
+        row = {"mode": mode, "target": target, "flags": flags, **env_note}
+        if res.returncode:
+            row["error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+            rows = [r for r in rows if r.get("mode") != mode] + [row]
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            print(json.dumps(row), flush=True)
+            continue
+        st = stage_times(res.stderr)
+        cfg = json.loads((out / "config.json").read_text())
+        row.update({
+            "build_wall_s": round(dt, 1), "stages_s": st,
+            "engine_bytes": (out / "rank0.engine").stat().st_size,
+            "onnx_data_bytes": (out / "rank0.onnx.data").stat().st_size,
+            "quantization": {k: v for k, v in cfg["quantization"].items() if k not in ("excluded",)},
+        })
+        res, dt = run([*TRTC, "eval", str(out), "--json", "--backend", "onnxruntime"], log)
+        if res.returncode:
+            row["eval_error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+        else:
+            row["eval"] = json.loads(res.stdout.strip().splitlines()[-1])
+            row["eval_wall_s"] = round(dt, 1)
+        rows = [r for r in rows if r.get("mode") != mode] + [row]
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

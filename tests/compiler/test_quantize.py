@@ -1,0 +1,230 @@
+"""Quantization: config validation, the numpy quantizers, and each mode end to end on a tiny Llama
+(export once, then `build --quant` from the export dir with the real TensorRT-RTX builder, run the
+quantized rank graph on ONNX Runtime)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
+from trtc.compiler.backend import FLAVOURS
+from trtc.compiler.quantize import (QuantConfig, awq_search, check_targets, default_targets,
+                                    dequant_int4_block, make_quant_config, quant_fp8_channel,
+                                    quant_int4_block, quant_int8_channel, quant_nvfp4,
+                                    resolve_for_model)
+from trtc.errors import TrtcError
+
+RTX = FLAVOURS["tensorrt_rtx"]
+
+
+# --- config and checks -------------------------------------------------------------------------
+
+def test_config_validates_and_fingerprints():
+    with pytest.raises(TrtcError, match="--quant 'int3' is unknown"):
+        QuantConfig(algo="int3")
+    with pytest.raises(TrtcError, match="--kv-cache-dtype"):
+        QuantConfig(kv_cache_dtype="int4")
+    with pytest.raises(TrtcError, match="--group-size 0"):
+        QuantConfig(algo="int4_awq", group_size=0)
+    a = make_quant_config("int4_awq")
+    assert a.calib_source == "bundled:calib.txt" and len(a.calib_sha256) == 64
+    # the fingerprint covers what changes the graph: group size for int4, not for int8_wo
+    assert make_quant_config("int4_awq", group_size=64).fingerprint() != a.fingerprint()
+    assert make_quant_config("int8_wo", group_size=64).fingerprint() == make_quant_config("int8_wo").fingerprint()
+
+
+def test_calibration_file_errors(tmp_path):
+    with pytest.raises(TrtcError, match="no such file"):
+        make_quant_config("fp8", calib_data=str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(TrtcError, match="is empty"):
+        make_quant_config("fp8", calib_data=str(tmp_path / "empty.txt"))
+    (tmp_path / "c.txt").write_text("some text")
+    q = make_quant_config("fp8", calib_data=str(tmp_path / "c.txt"))
+    assert q.calib_sha256 == __import__("hashlib").sha256(b"some text").hexdigest()
+
+
+def test_target_checks_name_target_and_alternative():
+    with pytest.raises(TrtcError, match=r"--quant nvfp4 needs compute capability 12\.0\+.*sm_89.*--target sm_120.*fp8 or int4_awq"):
+        check_targets(QuantConfig(algo="nvfp4"), RTX, ("sm_89",))
+    with pytest.raises(TrtcError, match=r"--quant fp8 needs compute capability 8\.9\+.*sm_80, sm_86.*int8_wo"):
+        check_targets(QuantConfig(algo="fp8"), RTX, ("sm_80", "sm_86", "sm_89"))
+    with pytest.raises(TrtcError, match="kv-cache-dtype fp8"):
+        check_targets(QuantConfig(kv_cache_dtype="fp8"), RTX, ("sm_86",))
+    check_targets(QuantConfig(algo="int4_awq"), RTX, ("sm_75", "sm_120"))
+    # datacenter TensorRT: FP8 from 9.0 targets (8.9 too), NVFP4 from sm_100
+    with pytest.raises(TrtcError, match="12.0|10.0"):
+        check_targets(QuantConfig(algo="nvfp4"), FLAVOURS["tensorrt"], ("sm_90",))
+    assert default_targets(QuantConfig(algo="fp8"), RTX) == ("sm_89", "sm_120")
+    assert default_targets(QuantConfig(algo="nvfp4"), RTX) == ("sm_120",)
+    assert default_targets(QuantConfig(algo="int8_wo"), RTX) == RTX.default_targets
+
+
+def test_group_size_against_model():
+    from trtc.compiler.spec import ModelSpec
+
+    class S:   # the fields resolve_for_model reads (SmolLM2-135M sizes)
+        hidden_size, num_heads, head_dim, intermediate_size = 576, 9, 64, 1536
+
+    spec: ModelSpec = S()  # type: ignore[assignment]
+    assert resolve_for_model(make_quant_config("int4_awq"), spec).group_size == 64   # default falls back
+    with pytest.raises(TrtcError, match="--group-size 128 does not divide the hidden size 576"):
+        resolve_for_model(make_quant_config("int4_awq", group_size=128), spec)      # explicit: never changed
+    assert resolve_for_model(make_quant_config("int4_awq", group_size=32), spec).group_size == 32
+
+
+# --- numpy quantizers --------------------------------------------------------------------------
+
+def test_quantizers_round_trip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 96)).astype(np.float32)
+    q, s = quant_int8_channel(w)
+    assert q.dtype == np.int8 and s.shape == (96,)
+    assert np.abs(q * s - w).max() <= s.max() / 2 + 1e-6
+    q4, s4 = quant_int4_block(w, 64)
+    assert q4.min() >= -8 and q4.max() <= 7 and s4.shape == (4, 96)
+    assert np.abs(dequant_int4_block(q4, s4, 64) - w).max() <= s4.max() / 2 + 1e-6
+    f8, sf = quant_fp8_channel(w)
+    assert np.abs(f8.astype(np.float32) * sf - w).max() <= np.abs(w).max() * 2 ** -4
+    f4, s8, g = quant_nvfp4(w)
+    deq = (f4.astype(np.float32).reshape(16, 16, 96) * (s8.astype(np.float32) * g)[:, None, :]).reshape(256, 96)
+    assert np.abs(deq - w).max() <= np.abs(w).max() * 0.25
+
+
+def test_awq_never_worse_than_rtn_on_its_data():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((128, 128)).astype(np.float32)
+    x[:, :4] *= 30.0                            # a few salient input channels, as in real LLMs
+    ws = [rng.standard_normal((128, 64)).astype(np.float32) for _ in range(2)]
+    s, alpha, ratio = awq_search(x, np.abs(x).mean(0), ws, 32)
+    assert s.shape == (128,) and 0.0 <= alpha <= 1.0
+    assert ratio < 0.9                           # salient channels: scaling clearly helps
+
+
+# --- end to end on a tiny model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_model, tmp_path_factory):
+    from trtc.compiler.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("quant") / "export"
+    export_model(str(tiny_model("llama")), out, max_seq_len=TINY_MAX_SEQ)
+    return out
+
+
+def _build(export_dir: Path, out: Path, target: str, **quant) -> Path:
+    from trtc.compiler.backend import resolve_flavour
+    from trtc.compiler.pipeline import build_model
+
+    q = make_quant_config(**quant)
+    build_model(str(export_dir), out, resolve_flavour("tensorrt_rtx"), (target,), max_batch_size=TINY_MAX_BATCH,
+                max_input_len=TINY_MAX_INPUT, keep_onnx=True, quant=q)
+    return out
+
+
+def _init_types(onnx_path: Path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return {t.name: t.data_type for t in m.graph.initializer}
+
+
+def _logits(engine: Path) -> np.ndarray:
+    from factories import PROMPTS
+    from transformers import AutoTokenizer
+
+    from trtc.runtime.api import open_session
+    from trtc.runtime.engine_dir import load_engine_dir
+
+    ed = load_engine_dir(engine)
+    ids = AutoTokenizer.from_pretrained(engine)(PROMPTS[3])["input_ids"]
+    s = open_session(ed, "onnxruntime")
+    s.allocate(1)
+    return s.step(np.array([ids]), np.arange(len(ids))[None])[0]
+
+
+# mode -> (quant kwargs, target, stored weight type, max relative logit error vs the float graph)
+MODES = {
+    "int8_wo": ({"algo": "int8_wo"}, "sm_89", "INT8", 0.05),
+    "int4_awq": ({"algo": "int4_awq"}, "sm_89", "INT4", 0.5),
+    "fp8": ({"algo": "fp8"}, "sm_89", "FLOAT8E4M3FN", 0.3),
+    "kv_int8": ({"kv_cache_dtype": "int8"}, "sm_89", None, 0.05),
+}
+
+
+@pytest.fixture(scope="module")
+def float_logits(tiny_export, tmp_path_factory):
+    return _logits(_build(tiny_export, tmp_path_factory.mktemp("q") / "none", "sm_89"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_builds_and_runs(mode, tiny_export, float_logits, tmp_path):
+    import onnx
+
+    kw, target, wtype, tol = MODES[mode]
+    eng = _build(tiny_export, tmp_path / mode, target, **kw)
+    cfg = json.loads((eng / "config.json").read_text())
+    qrec = cfg["quantization"]
+    assert qrec["config"]["algo"] == kw.get("algo", "none")
+    types = _init_types(eng / "rank0.onnx")
+    if wtype is not None:
+        stored = [n for n, t in types.items() if t == getattr(onnx.TensorProto, wtype)]
+        assert len(stored) == qrec["quantized_linears"] == 14          # 7 linears x 2 layers; lm_head excluded
+        assert "lm_head" in qrec["excluded"]
+        assert qrec.get("group_size") in (None, 64)                     # 128 does not divide hidden 64
+    if "calibration" in qrec:
+        assert qrec["calibration"]["sha256"] == make_quant_config().calib_sha256
+    got = _logits(eng)
+    err = np.linalg.norm(got - float_logits) / np.linalg.norm(float_logits)
+    assert 0 < err < tol, err
+
+
+def test_nvfp4_builds_for_sm120(tiny_export, tmp_path):
+    """FP4 weights build with TensorRT-RTX for sm_120; ONNX Runtime 1.32 has no FP4
+    DequantizeLinear kernel, so this graph's numerics cannot be checked on the reference backend."""
+    import onnx
+
+    eng = _build(tiny_export, tmp_path / "nvfp4", "sm_120", algo="nvfp4")
+    types = _init_types(eng / "rank0.onnx")
+    assert sum(t == onnx.TensorProto.FLOAT4E2M1 for t in types.values()) == 14
+    assert (eng / "rank0.engine").stat().st_size > 0
+
+
+def test_quantized_export_dir_refuses_second_quantization(tiny_model, tmp_path):
+    from trtc.compiler.pipeline import export_model
+
+    out = tmp_path / "qexport"
+    export_model(str(tiny_model("llama")), out, max_seq_len=TINY_MAX_SEQ, quant=make_quant_config("int8_wo"))
+    meta = json.loads((out / "trtc_export.json").read_text())
+    assert meta["quantization"]["quant_algo"] == "int8_wo"
+    with pytest.raises(TrtcError, match="was quantized at export"):
+        _build(out, tmp_path / "e", "sm_89", algo="int4_awq")
+    eng = _build(out, tmp_path / "e2", "sm_89")          # no --quant: the export's quantization carries over
+    assert json.loads((eng / "config.json").read_text())["quantization"]["quant_algo"] == "int8_wo"
+
+
+# --- bad input through the real command: exit 2, one line, nothing written ----------------------
+
+def test_cli_bad_quant_input(tmp_path, tiny_model):
+    from test_errors import assert_nothing_written, assert_user_error, trtc
+
+    m = tiny_model("llama")
+    res = trtc("build", "--model", m, "--output", tmp_path / "o1", "--quant", "int3")
+    assert res.returncode == 2 and "Invalid value for '--quant'" in res.stderr
+    res = trtc("build", "--model", m, "--output", tmp_path / "o2", "--quant", "nvfp4", "--target", "sm_89")
+    assert_user_error(res, "nvfp4", "sm_89", "--target sm_120")
+    res = trtc("build", "--model", m, "--output", tmp_path / "o3", "--quant", "fp8",
+               "--calib-data", tmp_path / "missing.txt")
+    assert_user_error(res, "missing.txt", "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    res = trtc("export", "--model", m, "--output", tmp_path / "o4", "--quant", "int4_awq",
+               "--calib-data", tmp_path / "empty.txt")
+    assert_user_error(res, "empty")
+    res = trtc("build", "--model", m, "--output", tmp_path / "o5", "--quant", "int4_awq", "--group-size", "48")
+    assert_user_error(res, "--group-size 48 does not divide the hidden size 64")
+    for name in ("o1", "o2", "o3", "o4", "o5"):
+        assert_nothing_written(tmp_path, name)
