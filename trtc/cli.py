@@ -217,5 +217,18 @@ def eval_(engine_dir, text_file, reference, no_reference, window, backend, as_js
         click.echo(f"top-1 agreement      {r.top1_agreement:.4f}")
 
 
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check the sha256 of every file against the dir's config.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(path, verify, as_json):
+    """Say what an engine dir or export dir is (no GPU or TensorRT needed)."""
+    from trtc.inspect import describe, format_text
+
+    d = describe(path, verify=verify)
+    click.echo(json.dumps(d, indent=2) if as_json else format_text(d))
+
+
 if __name__ == "__main__":
     main()
