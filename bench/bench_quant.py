@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--export", type=Path, default=Path("engines/bench-quant/export"))
     ap.add_argument("--engines", type=Path, default=Path("engines/bench-quant"))
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--reuse", action="store_true", help="re-evaluate engine dirs already built and recorded")
     ap.add_argument("--out", type=Path, default=Path("bench/results-quant/smollm2.json"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,23 +84,31 @@ def main() -> None:
     for mode in args.modes.split(","):
         flags, target = MODES[mode]
         out = args.engines / mode
-        res, dt = run([*TRTC, "build", "--model", str(args.export), "--output", str(out), "--keep-onnx",
-                       "--target", target, *flags], log)
-        row = {"mode": mode, "target": target, "flags": flags, **env_note}
-        if res.returncode:
+        prev = next((r for r in rows if r.get("mode") == mode and "engine_bytes" in r), None)
+        if args.reuse and prev is not None and (out / "config.json").is_file():
+            row = {k: v for k, v in prev.items() if not k.startswith("eval")}   # keep the build's numbers
+            res = None
+        else:
+            res, dt = run([*TRTC, "build", "--model", str(args.export), "--output", str(out), "--keep-onnx",
+                           "--target", target, *flags], log)
+            row = {"mode": mode, "target": target, "flags": flags, **env_note}
+        if res is None:
+            pass
+        elif res.returncode:
             row["error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
             rows = [r for r in rows if r.get("mode") != mode] + [row]
             args.out.write_text(json.dumps(rows, indent=1) + "\n")
             print(json.dumps(row), flush=True)
             continue
-        st = stage_times(res.stderr)
-        cfg = json.loads((out / "config.json").read_text())
-        row.update({
-            "build_wall_s": round(dt, 1), "stages_s": st,
-            "engine_bytes": (out / "rank0.engine").stat().st_size,
-            "onnx_data_bytes": (out / "rank0.onnx.data").stat().st_size,
-            "quantization": {k: v for k, v in cfg["quantization"].items() if k not in ("excluded",)},
-        })
+        else:
+            st = stage_times(res.stderr)
+            cfg = json.loads((out / "config.json").read_text())
+            row.update({
+                "build_wall_s": round(dt, 1), "stages_s": st,
+                "engine_bytes": (out / "rank0.engine").stat().st_size,
+                "onnx_data_bytes": (out / "rank0.onnx.data").stat().st_size,
+                "quantization": {k: v for k, v in cfg["quantization"].items() if k not in ("excluded",)},
+            })
         res, dt = run([*TRTC, "eval", str(out), "--json", "--backend", "onnxruntime"], log)
         if res.returncode:
             row["eval_error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"

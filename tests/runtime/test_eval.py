@@ -19,13 +19,18 @@ def test_windows_cover_the_text():
     assert windows_of(list(range(9)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]   # a 1-token tail scores nothing
 
 
-def test_unquantized_engine_matches_its_reference(tiny_engine):
-    """The float32 graph on ORT and transformers fp32 agree: same perplexity, same argmax."""
-    r = evaluate(tiny_engine("llama"), backend="onnxruntime", window=40)
-    assert r.windows > 2 and r.tokens > 0
+def test_unquantized_engine_matches_its_reference(tiny_engine, tmp_path):
+    """The float32 graph on ORT and transformers fp32 agree: same perplexity, same argmax (up to
+    a rare near-tie flipped by float32 rounding)."""
+    from factories import TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3)
+    r = evaluate(tiny_engine("llama"), text, backend="onnxruntime", window=40)
+    assert r.windows > 2 and r.tokens > 100
     assert r.reference_perplexity is not None
     assert abs(r.perplexity / r.reference_perplexity - 1) < 1e-4
-    assert r.top1_agreement == 1.0
+    assert r.top1_agreement >= 0.99
 
 
 def test_cli_json(tiny_engine, tmp_path):
@@ -36,7 +41,7 @@ def test_cli_json(tiny_engine, tmp_path):
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"perplexity", "reference_perplexity", "top1_agreement"} <= set(row)
-    assert np.isfinite(row["perplexity"]) and row["top1_agreement"] == 1.0
+    assert np.isfinite(row["perplexity"]) and row["top1_agreement"] >= 0.99
 
 
 def test_missing_and_empty_text(tiny_engine, tmp_path):
