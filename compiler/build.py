@@ -71,6 +71,19 @@ def profiles_for(spec: ModelSpec, cfg: BuildConfig, input_names: list[str],
     return out
 
 
+_PLUGINS_REGISTERED = False
+
+
+def _register_plugins() -> None:
+    """Once per process: tensorrt.plugin keeps a global registry."""
+    global _PLUGINS_REGISTERED
+    if not _PLUGINS_REGISTERED:
+        from trtc.plugins.tensorrt_plugin import register
+
+        register()
+        _PLUGINS_REGISTERED = True
+
+
 def _cc_enum(trt, target: str):
     return getattr(trt.ComputeCapability, "SM" + str(sm_number(target)))
 
@@ -82,9 +95,7 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
     if kv_block_size:
         if not flavour.plugins:
             raise TrtcError(f"{flavour.name} has no plugin layer; plugin-form graphs need full TensorRT")
-        from trtc.plugins.tensorrt_plugin import register
-
-        register()   # trtc::RopeKvAppend / trtc::PagedAttention, before the parser meets the nodes
+        _register_plugins()   # trtc::RopeKvAppend / trtc::PagedAttention, before the parser meets the nodes
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -1,8 +1,9 @@
 """trtc's attention plugins, each declared once.
 
 Every consumer reads these declarations: the torch reference (plugins/reference.py), the Triton
-launchers (plugins/kernels.py), the TensorRT registration (plugins/tensorrt_plugin.py), the tests
-and, later, the ONNX insertion pass. Shapes are tuples of dimension names; a name that is also an
+launchers (plugins/kernels.py), the TensorRT registration (plugins/tensorrt_plugin.py), the tests,
+the ONNX insertion pass (compiler/passes/plugin_attention.py), the graph check and the reference
+backend's custom ops (runtime/ort_plugin_session.py). Shapes are tuples of dimension names; a name that is also an
 attribute (num_q_heads, head_size, ...) is bound to that attribute's value, every other name is
 bound by the first tensor that carries it and must agree everywhere else. `check_call` derives all
 shape/dtype checks from the declaration.
