@@ -58,6 +58,26 @@ def stage_times(stderr: str) -> dict[str, float]:
     return out
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown table of the JSON rows (accuracy vs the float model, size, build time)."""
+    out = ["| mode | target | top-1 agreement | perplexity | vs float model | engine MB | onnx data MB | quantize s | build s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("mode") == "export":
+            continue
+        e = r.get("eval") or {}
+        ppl, ref = e.get("perplexity"), e.get("reference_perplexity")
+        st = r.get("stages_s", {})
+        cells = [r["mode"], r.get("target", ""),
+                 f"{e['top1_agreement'] * 100:.2f}%" if e.get("top1_agreement") is not None else r.get("eval_error", r.get("error", "-"))[:60],
+                 f"{ppl:.3f}" if ppl else "-", f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "-",
+                 f"{r['engine_bytes'] / 1e6:.0f}" if "engine_bytes" in r else "-",
+                 f"{r['onnx_data_bytes'] / 1e6:.0f}" if "onnx_data_bytes" in r else "-",
+                 f"{st.get('quantize', 0):.1f}", f"{st.get('build', 0):.1f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
@@ -68,7 +88,11 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--reuse", action="store_true", help="re-evaluate engine dirs already built and recorded")
     ap.add_argument("--out", type=Path, default=Path("bench/results-quant/smollm2.json"))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = open(args.out.with_suffix(".log"), "a")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
