@@ -30,6 +30,8 @@ MODES = {  # name -> (build flags, target)
     "fp8": (["--quant", "fp8"], "sm_89"),
     "int4_rtn": (["--quant", "int4_rtn"], "sm_89"),
     "int4_awq": (["--quant", "int4_awq"], "sm_89"),
+    "int4_rtn_g32": (["--quant", "int4_rtn", "--group-size", "32"], "sm_89"),
+    "int4_awq_g32": (["--quant", "int4_awq", "--group-size", "32"], "sm_89"),
     "kv_fp8": (["--kv-cache-dtype", "fp8"], "sm_89"),
     "kv_int8": (["--kv-cache-dtype", "int8"], "sm_89"),
     "nvfp4": (["--quant", "nvfp4"], "sm_120"),
