@@ -2,8 +2,7 @@
 
 Each pass finds its targets by pattern and leaves everything else alone. `PIPELINE` is the order
 `trtc build/export` runs them in; its names are what `--dump-after NAME` accepts. With
-`--attention plugin`, PLUGIN_PIPELINE runs instead: the native lowering plus fuse_rotary (HF's
-decomposed rotary -> RotaryEmbedding, as float16 exports leave it), then plugin_attention
+`--attention plugin`, PLUGIN_PIPELINE runs instead: the native lowering, then plugin_attention
 (compiler/passes/plugin_attention.py) replaces each layer's rotary/KV-update/attention nodes by
 trtc's plugins.
 """
@@ -50,7 +49,9 @@ def get_pass(name: str) -> PassFn:
 
 from . import attention, cleanup, kv_cache, plugin_attention, rotary, rotary_fuse  # noqa: E402,F401  (registers the passes)
 
-PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions",
+# fuse_rotary turns HF's decomposed rotate-half (what float16 exports leave) into RotaryEmbedding,
+# so rotary_cache and TensorRT's IRotaryEmbeddingLayer see one form whatever the dtype.
+PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions", "fuse_rotary",
             "rotary_cache", "cleanup")
 PLUGIN_PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions", "fuse_rotary",
                    "rotary_cache", "plugin_attention", "cleanup")

@@ -47,3 +47,47 @@ def graph_input(graph, name: str):
         if t.name == name:
             return t
     return None
+
+
+def _is_bfloat16(dtype) -> bool:
+    import ml_dtypes
+    import numpy as np
+    import onnx
+
+    if dtype == onnx.TensorProto.BFLOAT16:
+        return True
+    try:
+        return np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
+    except TypeError:
+        return False
+
+
+def eval_on_positions(graph, tensors, max_seq_len: int, fallback_dtype) -> list:
+    """Values of `tensors` (functions of position_ids alone) for positions 0..max_seq_len-1,
+    evaluated once in ONNX Runtime on a copy of the graph. bfloat16 results are read through a
+    float32 cast (ORT cannot hand bfloat16 to numpy) and returned as ml_dtypes.bfloat16, exactly."""
+    import ml_dtypes
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    sub = graph.copy()
+    st = sub.tensors()
+    sub.inputs = [st["position_ids"]]
+    outs, bf16 = [], []
+    for src in tensors:
+        t = st[src.name]
+        t.dtype = src.dtype if src.dtype is not None else fallback_dtype   # cos/sin type == x type
+        if _is_bfloat16(t.dtype):
+            f = gs.Variable(f"{t.name}_as_f32", dtype=np.float32)
+            sub.nodes.append(gs.Node("Cast", f"{t.name}_as_f32", attrs={"to": onnx.TensorProto.FLOAT},
+                                     inputs=[t], outputs=[f]))
+            t = f
+        outs.append(t)
+        bf16.append(_is_bfloat16(st[src.name].dtype))
+    sub.outputs = outs
+    sub.cleanup(remove_unused_graph_inputs=True).toposort()
+    sess = ort.InferenceSession(gs.export_onnx(sub).SerializeToString(), providers=["CPUExecutionProvider"])
+    vals = sess.run([t.name for t in outs], {"position_ids": np.arange(max_seq_len, dtype=np.int64)[None]})
+    return [v.astype(ml_dtypes.bfloat16) if b else v for v, b in zip(vals, bf16)]

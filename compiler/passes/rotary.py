@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 
 from . import PassContext, register_pass
-from ._match import graph_input, graph_inputs_reached
+from ._match import eval_on_positions, graph_input, graph_inputs_reached
 
 
 @register_pass("rotary_cache")
 def rotary_cache(graph, ctx: PassContext):
     import numpy as np
     import onnx_graphsurgeon as gs
-    import onnxruntime as ort
 
     pos = graph_input(graph, "position_ids")
     targets = []
@@ -38,16 +37,8 @@ def rotary_cache(graph, ctx: PassContext):
         return graph
 
     wanted = {t.name: t for n in targets for t in n.inputs[1:3]}
-    sub = graph.copy()
-    tensors = sub.tensors()
-    sub.inputs = [tensors["position_ids"]]
-    sub.outputs = [tensors[name] for name in wanted]
-    for t, src in zip(sub.outputs, wanted.values()):
-        t.dtype = src.dtype if src.dtype is not None else targets[0].inputs[0].dtype  # cos/sin type == x type
-    sub.cleanup(remove_unused_graph_inputs=True)
-    sess = ort.InferenceSession(gs.export_onnx(sub).SerializeToString(), providers=["CPUExecutionProvider"])
-    positions = np.arange(ctx.max_seq_len, dtype=np.int64)[None, :]
-    values = dict(zip(wanted, sess.run(list(wanted), {"position_ids": positions})))
+    values = dict(zip(wanted, eval_on_positions(graph, list(wanted.values()), ctx.max_seq_len,
+                                                targets[0].inputs[0].dtype)))
 
     caches: dict[str, gs.Constant] = {}   # content hash -> shared constant
 

@@ -17,7 +17,7 @@ refuses the layer). The native pipeline does not run this pass: its graphs stay 
 from __future__ import annotations
 
 from . import PassContext, register_pass
-from ._match import const_values, graph_input, graph_inputs_reached, producer_op
+from ._match import const_values, eval_on_positions, graph_input, graph_inputs_reached, producer_op
 
 
 def _ints(t):
@@ -90,18 +90,8 @@ def _match(add, d: int):
 def _halves_equal(graph, tensors, max_seq_len: int, fallback_dtype) -> dict[str, bool]:
     """Evaluate the cos/sin tensors for positions 0..max_seq_len-1; name -> halves equal."""
     import numpy as np
-    import onnx_graphsurgeon as gs
-    import onnxruntime as ort
 
-    sub = graph.copy()
-    st = sub.tensors()
-    sub.inputs = [st["position_ids"]]
-    sub.outputs = [st[t.name] for t in tensors]
-    for out, src in zip(sub.outputs, tensors):
-        out.dtype = src.dtype if src.dtype is not None else fallback_dtype   # cos/sin type == x type
-    sub.cleanup(remove_unused_graph_inputs=True)
-    sess = ort.InferenceSession(gs.export_onnx(sub).SerializeToString(), providers=["CPUExecutionProvider"])
-    vals = sess.run([t.name for t in tensors], {"position_ids": np.arange(max_seq_len, dtype=np.int64)[None]})
+    vals = eval_on_positions(graph, tensors, max_seq_len, fallback_dtype)
     out = {}
     for t, v in zip(tensors, vals):
         h = v.shape[-1] // 2

@@ -16,6 +16,9 @@ def test_half_precision_builds(dtype, tiny_engine):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["pretrained_config"]["dtype"] == dtype
     assert (d / "rank0.engine").stat().st_size > 0
+    # Half-precision exports leave rotary decomposed; fuse_rotary + rotary_cache still lower all
+    # 2 layers x (q, k) to RotaryEmbedding with a precomputed cache.
+    assert cfg["passes"]["rotary_cache"] == 4, cfg["passes"]
 
 
 def test_float16_runs_on_reference_backend(tiny_engine, tiny_model):
