@@ -11,7 +11,7 @@ so for a float16 graph each plugin node is wrapped at load time in Casts: float1
 activation/pool inputs (exact) and float32 -> float16 on its outputs. The pool and q_rot are then
 rounded to float16 exactly where a float16 plugin stores them, so the semantics are those of the
 float16 plugins. The graph file in the engine/export dir is not modified (the wrapped copy lives
-in a temp dir next to a link to the weights).
+in a temp dir next to a hard link to, or a copy of, the weights).
 
 Slow (Python per layer per step, the pool copied through the op), and meant for proofs of numerics
 on tiny and small models, not for serving.
@@ -91,6 +91,17 @@ def _cast_plugins_to_f32(model) -> None:
     model.graph.node.extend(new_nodes)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """ONNX Runtime refuses external data reached through a symlink out of the model's dir: hard-link
+    the weights next to the wrapped graph (copy when the temp dir is on another file system)."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 class OnnxRuntimePluginSession:
     backend = "onnxruntime"
 
@@ -117,7 +128,7 @@ class OnnxRuntimePluginSession:
             self._tmp = Path(tempfile.mkdtemp(prefix="trtc-ort-plugin-"))
             model = onnx.load(str(path), load_external_data=False)
             _cast_plugins_to_f32(model)
-            (self._tmp / (onnx_file + ".data")).symlink_to((ed.path / (onnx_file + ".data")).resolve())
+            _link_or_copy(ed.path / (onnx_file + ".data"), self._tmp / (onnx_file + ".data"))
             path = self._tmp / onnx_file
             onnx.save_model(model, str(path))
         try:
