@@ -4,7 +4,8 @@ The generator drives any Session the same way: `allocate(batch)` once per genera
 `step(input_ids, position_ids)` for prefill (seq > 1) and decode (seq = 1). The KV cache is a
 fixed [batch, kv_heads, max_seq_len, head_dim] buffer per layer and per key/value; a step writes
 its new entries at each sequence's position_ids[:, 0] (TensorScatter / IKVCacheUpdateLayer) and
-attends to slots <= each query's position.
+attends to slots <= each query's position. Plugin-form graphs (`--attention plugin`) keep a paged
+cache behind the same interface instead (runtime/ort_plugin_session.py, runtime/paged_kv.py).
 """
 
 from __future__ import annotations
