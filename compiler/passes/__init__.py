@@ -53,8 +53,7 @@ from . import attention, cleanup, kv_cache, plugin_attention, rotary, rotary_fus
 # so rotary_cache and TensorRT's IRotaryEmbeddingLayer see one form whatever the dtype.
 PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions", "fuse_rotary",
             "rotary_cache", "cleanup")
-PLUGIN_PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions", "fuse_rotary",
-                   "rotary_cache", "plugin_attention", "cleanup")
+PLUGIN_PIPELINE = PIPELINE[:-1] + ("plugin_attention", "cleanup")   # the native lowering, then the plugins
 PIPELINES = {"native": PIPELINE, "plugin": PLUGIN_PIPELINE}
 
 

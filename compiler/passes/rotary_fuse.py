@@ -1,4 +1,4 @@
-"""fuse_rotary: HF's decomposed rotate-half rotary -> RotaryEmbedding (plugin pipeline only).
+"""fuse_rotary: HF's decomposed rotate-half rotary -> RotaryEmbedding (both pipelines).
 
 In float16 (and whenever it does not fuse), the exporter leaves HF's `apply_rotary_pos_emb` as
 elementwise ops:
@@ -7,11 +7,11 @@ elementwise ops:
 
 with x [B, H, S, D], h = D/2, and cos/sin [B, S, D] = cos/sin of Concat(freqs, freqs) computed from
 position_ids. This pass rewrites it to `RotaryEmbedding(x, cos[..., :h], sin[..., :h])`
-(interleaved 0), the form rotary_cache turns into position-indexed caches and plugin_attention
-lowers to RopeKvAppend. It only fires when cos/sin depend on position_ids alone and their two halves
+(interleaved 0), the form rotary_cache turns into position-indexed caches (TensorRT's rotary layer)
+and plugin_attention lowers to RopeKvAppend. It only fires when cos/sin depend on position_ids alone and their two halves
 are equal for every position 0..max_seq_len-1 (evaluated once in ONNX Runtime): otherwise the
 rotation is not rotate-half with duplicated frequencies and is left alone (then plugin_attention
-refuses the layer). The native pipeline does not run this pass: its graphs stay as exported.
+refuses the layer; the native form runs the elementwise ops as exported).
 """
 
 from __future__ import annotations
