@@ -7,6 +7,7 @@ accuracy of the graph TensorRT compiled.
 Modes (`--quant`), all symmetric, weights of every MatMul with a constant [K, N] weight except
 the lm_head (see EXCLUDED):
   int8_wo   int8 weights, one scale per output channel: DequantizeLinear(axis=1) -> MatMul.
+  int8_awq  int8_wo plus the activation-aware scaling described for int4_awq.
   int4_rtn  int4 weights, one scale per `group_size` input rows of each output column:
             blockwise DequantizeLinear(axis=0, block_size=G) -> MatMul; plain round-to-nearest.
   int4_awq  int4_rtn plus activation-aware scaling (AWQ): per input channel k, the weight row is
@@ -55,7 +56,7 @@ from trtc.log import info
 from .backend import Flavour, sm_number
 from .spec import ModelSpec, fingerprint_of
 
-ALGOS = ("none", "fp8", "int8_wo", "int4_awq", "int4_rtn", "nvfp4")
+ALGOS = ("none", "fp8", "int8_wo", "int8_awq", "int4_awq", "int4_rtn", "nvfp4")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
 BUNDLED_CALIB = "calib.txt"     # Python reference manual sections; trtc/data/eval.txt is disjoint
@@ -100,7 +101,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algo in ("fp8", "int4_awq") or self.kv_cache_dtype != "auto"
+        return self.algo in ("fp8", "int4_awq", "int8_awq") or self.kv_cache_dtype != "auto"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -368,9 +369,18 @@ def quant_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
     return q, s8, gscale
 
 
-def awq_search(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], g: int) -> tuple[np.ndarray, float, float]:
-    """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K].
-    Returns (s, alpha, loss ratio vs round-to-nearest)."""
+def qdq_int4(g: int):
+    return lambda w: dequant_int4_block(*quant_int4_block(w, g), g)
+
+
+def qdq_int8(w: np.ndarray) -> np.ndarray:
+    q, s = quant_int8_channel(w)
+    return q.astype(np.float32) * s
+
+
+def awq_search(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], qdq) -> tuple[np.ndarray, float, float]:
+    """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K]; `qdq`
+    quantizes and dequantizes a [K, N] weight. Returns (s, alpha, loss ratio vs round-to-nearest)."""
     ref = [x @ w for w in weights]
     best = (None, 0.0, np.inf)
     rtn = None
@@ -381,8 +391,7 @@ def awq_search(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], g
         xs = x / s
         loss = 0.0
         for w, r in zip(weights, ref):
-            q, sc = quant_int4_block(w * s[:, None], g)
-            loss += float(((xs @ dequant_int4_block(q, sc, g) - r) ** 2).sum())
+            loss += float(((xs @ qdq(w * s[:, None]) - r) ** 2).sum())
         if alpha == 0.0:
             rtn = loss
         if loss < best[2]:
@@ -419,9 +428,9 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     if q.needs_calibration:
         names = []
         awq = set()
-        if q.algo in ("fp8", "int4_awq"):
+        if q.algo in ("fp8", "int4_awq", "int8_awq"):
             names += list(tg.groups)
-            if q.algo == "int4_awq":
+            if q.algo != "fp8":
                 awq = set(tg.groups)
         if q.kv_cache_dtype != "auto":
             names += kv_inputs
@@ -456,10 +465,11 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
         x_in = x_name
-        if q.algo == "int4_awq":
+        if q.algo in ("int4_awq", "int8_awq"):
             st = stats[x_name]
             rows = np.concatenate(st.rows)
-            s, alpha, ratio = awq_search(rows, st.abs_sum / st.count, ws, q.group_size)
+            qdq = qdq_int4(q.group_size) if q.algo == "int4_awq" else qdq_int8
+            s, alpha, ratio = awq_search(rows, st.abs_sum / st.count, ws, qdq)
             awq_log.append((alpha, ratio))
             x_in = f"{x_name}_awq"
             insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_awq_inv_scale", (1.0 / s).astype(np_f))],
@@ -477,7 +487,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         for n, w in zip(nodes, ws):
             wname = n.input[1]
             base = f"{wname}_{q.algo}"
-            if q.algo == "int8_wo":
+            if q.algo in ("int8_wo", "int8_awq"):
                 qv, s = quant_int8_channel(w)
                 qt = numpy_helper.from_array(qv, base + "_q")
                 dq = helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
@@ -556,8 +566,9 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     if q.algo.startswith("int4"):
         report["group_size"] = q.group_size
         report["weights"] = "int4 symmetric, blockwise scales along the input dim (DequantizeLinear axis 0)"
-    elif q.algo == "int8_wo":
-        report["weights"] = "int8 symmetric, per-output-channel scales"
+    elif q.algo in ("int8_wo", "int8_awq"):
+        report["weights"] = "int8 symmetric, per-output-channel scales" + (
+            ", activation-aware input-channel scaling (AWQ)" if q.algo == "int8_awq" else "")
     elif q.algo == "fp8":
         report["weights"] = "fp8 e4m3, per-output-channel scales"
         report["activations"] = "fp8 e4m3, per-tensor scales from calibration amax"

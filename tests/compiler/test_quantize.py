@@ -14,7 +14,7 @@ from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
 from trtc.compiler.backend import FLAVOURS
 from trtc.compiler.quantize import (QuantConfig, awq_search, check_targets, default_targets,
                                     dequant_int4_block, make_quant_config, quant_fp8_channel,
-                                    quant_int4_block, quant_int8_channel, quant_nvfp4,
+                                    qdq_int4, quant_int4_block, quant_int8_channel, quant_nvfp4,
                                     resolve_for_model)
 from trtc.errors import TrtcError
 
@@ -100,7 +100,7 @@ def test_awq_never_worse_than_rtn_on_its_data():
     x = rng.standard_normal((128, 128)).astype(np.float32)
     x[:, :4] *= 30.0                            # a few salient input channels, as in real LLMs
     ws = [rng.standard_normal((128, 64)).astype(np.float32) for _ in range(2)]
-    s, alpha, ratio = awq_search(x, np.abs(x).mean(0), ws, 32)
+    s, alpha, ratio = awq_search(x, np.abs(x).mean(0), ws, qdq_int4(32))
     assert s.shape == (128,) and 0.0 <= alpha <= 1.0
     assert ratio < 0.9                           # salient channels: scaling clearly helps
 
