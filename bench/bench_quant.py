@@ -27,6 +27,7 @@ TRTC = [sys.executable, "-m", "trtc.cli"]
 MODES = {  # name -> (build flags, target)
     "none": ([], "sm_89"),
     "int8_wo": (["--quant", "int8_wo"], "sm_89"),
+    "int8_awq": (["--quant", "int8_awq"], "sm_89"),
     "fp8": (["--quant", "fp8"], "sm_89"),
     "int4_rtn": (["--quant", "int4_rtn"], "sm_89"),
     "int4_awq": (["--quant", "int4_awq"], "sm_89"),
