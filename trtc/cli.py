@@ -53,7 +53,7 @@ def _quant_options(f):
 
     opts = [
         click.option("--quant", type=click.Choice(ALGOS), default="none", show_default=True,
-                     help="Weight (and activation) quantization: fp8 (sm_89+), int8_wo, int4_awq, "
+                     help="Weight (and activation) quantization: fp8 (sm_89+), int8_wo, int8_awq, int4_awq, "
                           "int4_rtn (plain round-to-nearest), nvfp4 (sm_120, FP4 weights)."),
         click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
                      help="KV cache values rounded to 8 bits with calibrated scales (storage stays in the "
