@@ -31,6 +31,7 @@ from trtc.plugins import reference
 from trtc.plugins.schema import ACT_DTYPES, NAMESPACE, PAGED_ATTENTION, POOL_DTYPES, ROPE_KV_APPEND, PluginSpec
 
 from .engine_dir import EngineDir
+from .ort_session import checked_rank_graph, session_options
 from .paged_kv import PagedKVCache
 
 _TYPES = {"float32": np.float32, "float16": np.float16}
@@ -109,18 +110,11 @@ class OnnxRuntimePluginSession:
         import onnx
         import onnxruntime as ort
 
-        onnx_file = ed.onnx_file
-        if onnx_file is None:
-            raise TrtcError(f"{ed.path} holds no ONNX rank graphs, which the onnxruntime backend runs; "
-                            f"rebuild it with `trtc build --keep-onnx`, or run the export dir")
-        ed.verify([onnx_file, onnx_file + ".data"])
+        onnx_file = checked_rank_graph(ed, "rebuild it with `trtc build --keep-onnx`, or run the export dir")
         if ed.dtype not in _TYPES:
             raise TrtcError(f"the reference backend runs plugin-form graphs in float32 or float16, not {ed.dtype}; "
                             f"export with --dtype float16 or float32 to check numerics on CPU")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
+        so = session_options(threads)
         so.register_custom_ops_library(register_custom_ops())
         path = ed.path / onnx_file
         self._tmp = None

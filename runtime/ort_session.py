@@ -18,29 +18,42 @@ from .session import cache_names
 _ORT_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def checked_rank_graph(ed: EngineDir, no_graph_fix: str) -> str:
+    """The kept rank graph's file name, after verifying it and its data file against config.json."""
+    onnx_file = ed.onnx_file
+    if onnx_file is None:
+        raise TrtcError(f"{ed.path} holds no ONNX rank graphs, which the onnxruntime backend runs; "
+                        f"{no_graph_fix}")
+    ed.verify([onnx_file, onnx_file + ".data"])
+    return onnx_file
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
 class OnnxRuntimeSession:
     backend = "onnxruntime"
 
     def __init__(self, ed: EngineDir, threads: int | None = None):
         import onnxruntime as ort
 
-        onnx_file = ed.onnx_file
-        if onnx_file is None:
-            raise TrtcError(f"{ed.path} holds no ONNX rank graphs, which the onnxruntime backend runs; "
-                            f"rebuild it with `trtc build --keep-onnx`")
-        ed.verify([onnx_file, onnx_file + ".data"])
+        onnx_file = checked_rank_graph(ed, "rebuild it with `trtc build --keep-onnx`")
         if ed.dtype not in _ORT_TYPES:
             raise TrtcError(f"ONNX Runtime's CPU provider has no {ed.dtype} kernels for this graph; "
                             f"build with --dtype float16 or float32 to check numerics on CPU")
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so = session_options(threads)
         if (ed.config.get("quantization") or {}).get("config"):
             # Extended optimizations rewrite DequantizeLinear -> MatMul into kernels that also
             # quantize the activations (measured on SmolLM2 int8_wo: logits differ by up to 1.45,
             # 3.5% of argmaxes flip); the reference backend must compute the graph as written.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        if threads:
-            so.intra_op_num_threads = threads
         self.ed = ed
         self.sess = ort.InferenceSession(str(ed.path / onnx_file), so, providers=["CPUExecutionProvider"])
         self.names = cache_names(ed.spec.num_layers)
