@@ -4,21 +4,27 @@ Runs after the passes, on the rank ONNX graph (`rank0.onnx` + external data), so
 feeds the TensorRT build and the reference backend: accuracy measured on ONNX Runtime is the
 accuracy of the graph TensorRT compiled.
 
-Modes (`--quant`), all symmetric, weights of every MatMul with a constant [K, N] weight except
-the lm_head (see EXCLUDED):
-  int8_wo   int8 weights, one scale per output channel: DequantizeLinear(axis=1) -> MatMul.
+Modes (`--quant`): weights of every MatMul with a constant [K, N] weight except the lm_head (see
+EXCLUDED). Each mode is a Recipe (RECIPES): a grid and the calibration-based steps that choose
+the grid and the rounding (algorithms in quant_algos.py):
+  int8_wo   int8 symmetric, one scale per output channel: DequantizeLinear(axis=1) -> MatMul.
+            GPTQ rounding (rows rounded in order of activity, each row's error spread over the
+            rows not yet rounded through the inverse Hessian of the calibration inputs).
   int8_awq  int8_wo plus the activation-aware scaling described for int4_awq.
-  int4_rtn  int4 weights, one scale per `group_size` input rows of each output column:
-            blockwise DequantizeLinear(axis=0, block_size=G) -> MatMul; plain round-to-nearest.
-  int4_awq  int4_rtn plus activation-aware scaling (AWQ): per input channel k, the weight row is
-            multiplied by s_k and the activation divided by s_k (an explicit Mul, shared by the
-            MatMuls reading the same activation: q/k/v, gate/up). s = mean|x|^alpha, alpha searched
-            on the calibration activations to minimise ||x W - (x/s) Q(diag(s) W)||^2 over the
-            group; alpha = 0 is plain round-to-nearest, so the search never does worse than RTN on
-            the calibration data.
-  fp8       FP8 e4m3 weights (per output channel scales) and activations (per-tensor scale from
-            the calibration amax): QuantizeLinear -> DequantizeLinear on the activation,
-            DequantizeLinear on the weight, MatMul: TensorRT fuses this into an FP8 GEMM.
+  int4_rtn  int4 affine: per group of `group_size` input rows of each output column a scale and a
+            float offset (w ~ s*u + lo, u in 0..15; Q4_1-style). TensorRT rejects non-zero zero
+            points, so the int4 values (u - 8) go through a blockwise DequantizeLinear(axis=0) ->
+            MatMul, and the offset is added back by a small MatMul of the per-group sums of x
+            ((x @ E) @ offset, E the [K, K/G] group indicator). Plain round-to-nearest.
+  int4_awq  int4_rtn's grid plus activation-aware scaling (AWQ): per input channel k, the weight
+            row is multiplied by s_k and the activation divided by s_k (an explicit Mul, shared by
+            the MatMuls reading the same activation: q/k/v, gate/up). s = mean|x|^alpha, alpha
+            searched on the calibration activations (alpha = 0 is no scaling, so the search never
+            does worse than RTN on the calibration data); then AWQ's clipping search per group,
+            then GPTQ rounding on that grid.
+  fp8       FP8 e4m3 weights (per output channel scales, GPTQ rounding) and activations
+            (per-tensor scale from the calibration amax): QuantizeLinear -> DequantizeLinear on the
+            activation, DequantizeLinear on the weight, MatMul: TensorRT fuses this into an FP8 GEMM.
   nvfp4     FP4 e2m1 weights in blocks of 16 input rows with FP8 e4m3 block scales and one fp32
             global scale per weight (two DequantizeLinears). Activations stay in the model dtype
             (weight-only): FP4 activations need dynamic block quantization, which standard ONNX
@@ -53,6 +59,7 @@ import numpy as np
 from trtc.errors import TrtcError, TrtcInternalError
 from trtc.log import info
 
+from . import quant_algos as qa
 from .backend import Flavour, sm_number
 from .spec import ModelSpec, fingerprint_of
 
@@ -62,8 +69,8 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
 BUNDLED_CALIB = "calib.txt"     # Python reference manual sections; trtc/data/eval.txt is disjoint
 DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
-FP8_MAX, INT8_MAX, INT4_MAX, FP4_MAX = 448.0, 127.0, 7.0, 6.0
-AWQ_ALPHAS = np.linspace(0.0, 1.0, 21)
+FP8_MAX, INT8_MAX, FP4_MAX = 448.0, 127.0, 6.0
+INT8_MAX_I = 127
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
 
 EXCLUDED = {
@@ -101,7 +108,8 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.algo in ("fp8", "int4_awq", "int8_awq") or self.kv_cache_dtype != "auto"
+        return (self.algo == "fp8" or (self.algo in RECIPES and RECIPES[self.algo].calibrated)
+                or self.kv_cache_dtype != "auto")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -261,9 +269,17 @@ class _ActStats:
     abs_sum: np.ndarray | None = None     # [K] sum of |x| over tokens
     count: int = 0
     rows: list = dataclasses.field(default_factory=list)   # sampled [r, K] float32 blocks
+    xtx: np.ndarray | None = None          # [K, K] sum of x^T x (GPTQ's Hessian, up to 2/n)
 
-    def add(self, x: np.ndarray, keep_rows: int) -> None:
+    @property
+    def hessian(self) -> np.ndarray:
+        return self.xtx / max(self.count, 1)
+
+    def add(self, x: np.ndarray, keep_rows: int, hessian: bool = False) -> None:
         x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        if hessian:
+            xtx = x.T @ x
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
         self.amax = max(self.amax, float(np.abs(x).max()))
         s = np.abs(x).sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
@@ -289,8 +305,9 @@ def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -
 
 
 def calibrate(onnx_path: Path, names: list[str], awq_names: set[str], windows: list[np.ndarray],
-              spec: ModelSpec, max_seq_len: int) -> dict[str, _ActStats]:
-    """Run the graph over the windows; statistics of each tensor in `names`."""
+              spec: ModelSpec, max_seq_len: int, hessian_names: set[str] = frozenset()) -> dict[str, _ActStats]:
+    """Run the graph over the windows; statistics of each tensor in `names` (sampled rows for
+    `awq_names`, x^T x for `hessian_names`)."""
     import onnx
     import onnxruntime as ort
 
@@ -322,37 +339,74 @@ def calibrate(onnx_path: Path, names: list[str], awq_names: set[str], windows: l
                 feeds[name] = np.zeros((1, spec.num_kv_heads, max_seq_len, spec.head_dim), dtype=dt[t])
         outs = sess.run(names, feeds)
         for n, x in zip(names, outs):
-            stats[n].add(x, keep if n in awq_names else 0)
+            stats[n].add(x, keep if n in awq_names else 0, n in hessian_names)
     return stats
 
 
 # ---------------------------------------------------------------------------------------------
-# Weight quantizers: numpy [K, N] float32 -> (stored values, scales); dequantization as ONNX does
+# Weight recipes: the grid of each mode and the calibration-based steps that decide it
+# (algorithms in quant_algos.py)
 # ---------------------------------------------------------------------------------------------
 
-def quant_int8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = np.maximum(np.abs(w).max(0), 1e-8) / INT8_MAX                       # [N]
-    return np.clip(np.round(w / s), -INT8_MAX, INT8_MAX).astype(np.int8), s
+@dataclass(frozen=True)
+class Recipe:
+    grid: str              # int8 (symmetric, per output channel) | int4 (affine, per group) | fp8
+    awq: bool = False      # activation-aware input-channel scales, alpha searched
+    clip: bool = False     # per-group range clipping, ratio searched on calibration rows
+    gptq: bool = False     # GPTQ rounding with the layer's input Hessian
+    weights: str = ""      # config.json description
+
+    @property
+    def calibrated(self) -> bool:
+        return self.awq or self.clip or self.gptq
 
 
-def quant_int4_block(w: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
-    K, N = w.shape
-    wb = w.reshape(K // g, g, N)
-    s = np.maximum(np.abs(wb).max(1), 1e-8) / INT4_MAX                      # [K/g, N]
-    q = np.clip(np.round(wb / s[:, None, :]), -8, INT4_MAX).reshape(K, N)
-    return q.astype(np.int8), s                                             # int4 range in int8
+_INT4 = "int4 affine (scale and float offset per group of input rows): int4 values in a blockwise " \
+        "DequantizeLinear, the offset added back as (x summed per group) @ offset"
+RECIPES = {
+    "int8_wo": Recipe("int8", gptq=True,
+                      weights="int8 symmetric, per-output-channel scales, GPTQ rounding"),
+    "int8_awq": Recipe("int8", awq=True, gptq=True,
+                       weights="int8 symmetric, per-output-channel scales, activation-aware input "
+                               "scaling (AWQ), GPTQ rounding"),
+    "int4_rtn": Recipe("int4", weights=_INT4 + "; round to nearest"),
+    "int4_awq": Recipe("int4", awq=True, clip=True, gptq=True,
+                       weights=_INT4 + "; activation-aware input scaling (AWQ), clipping search, GPTQ rounding"),
+    "fp8": Recipe("fp8", gptq=True, weights="fp8 e4m3, per-output-channel scales, GPTQ rounding"),
+}
 
 
-def dequant_int4_block(q: np.ndarray, s: np.ndarray, g: int) -> np.ndarray:
-    K, N = q.shape
-    return (q.reshape(K // g, g, N).astype(np.float32) * s[:, None, :]).reshape(K, N)
+def grid_of(algo: str, group_size: int) -> qa.Grid:
+    kind = RECIPES[algo].grid
+    if kind == "int8":
+        return qa.Grid("int", -INT8_MAX_I, INT8_MAX_I, 0)
+    if kind == "int4":
+        return qa.Grid("int", 0, 15, group_size)
+    return qa.Grid("fp8", 0, 0, 0)
 
 
-def quant_fp8_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import ml_dtypes
+def quantize_weight(w: np.ndarray, algo: str, grid: qa.Grid, st: _ActStats | None,
+                    s: np.ndarray | None = None):
+    """(stored values, scales [G, N], offsets [G, N] or None) of w [K, N] (already multiplied by
+    the AWQ scales `s`, whose inverse the activation gets)."""
+    r = RECIPES[algo]
+    s = np.ones(w.shape[0], np.float32) if s is None else s
+    clip = 1.0
+    if r.clip:
+        clip = qa.clip_search(w, np.concatenate(st.rows) / s, grid)
+    if r.gptq:
+        return qa.gptq(w, st.hessian / np.outer(s, s), grid, clip=None if not r.clip else clip)
+    return qa.rtn(w, grid, clip)
 
-    s = np.maximum(np.abs(w).max(0), 1e-8) / FP8_MAX
-    return (w / s).astype(ml_dtypes.float8_e4m3fn), s
+
+def qdq(algo: str, group_size: int):
+    """[K, N] -> the weight as the graph will see it after round-to-nearest (for searches)."""
+    grid = grid_of(algo, group_size)
+
+    def f(w):
+        q, sc, lo = qa.rtn(w, grid)
+        return qa.dequantize(q, grid, sc, lo)
+    return f
 
 
 def quant_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
@@ -367,36 +421,6 @@ def quant_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
     s = np.maximum(s8.astype(np.float32) * gscale, 1e-12)
     q = (wb / s[:, None, :]).reshape(K, N).astype(ml_dtypes.float4_e2m1fn)
     return q, s8, gscale
-
-
-def qdq_int4(g: int):
-    return lambda w: dequant_int4_block(*quant_int4_block(w, g), g)
-
-
-def qdq_int8(w: np.ndarray) -> np.ndarray:
-    q, s = quant_int8_channel(w)
-    return q.astype(np.float32) * s
-
-
-def awq_search(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], qdq) -> tuple[np.ndarray, float, float]:
-    """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K]; `qdq`
-    quantizes and dequantizes a [K, N] weight. Returns (s, alpha, loss ratio vs round-to-nearest)."""
-    ref = [x @ w for w in weights]
-    best = (None, 0.0, np.inf)
-    rtn = None
-    base = np.maximum(mean_abs, 1e-8)
-    for alpha in AWQ_ALPHAS:
-        s = base ** alpha
-        s = s / np.sqrt(s.max() * s.min())
-        xs = x / s
-        loss = 0.0
-        for w, r in zip(weights, ref):
-            loss += float(((xs @ qdq(w * s[:, None]) - r) ** 2).sum())
-        if alpha == 0.0:
-            rtn = loss
-        if loss < best[2]:
-            best = (s.astype(np.float32), float(alpha), loss)
-    return best[0], best[1], best[2] / max(rtn, 1e-30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,17 +451,20 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     kv_inputs = [n.input[1] for n in tg.scatters]
     if q.needs_calibration:
         names = []
-        awq = set()
-        if q.algo in ("fp8", "int4_awq", "int8_awq"):
+        rows, hess = set(), set()
+        r = RECIPES.get(q.algo)
+        if q.algo == "fp8" or (r is not None and r.calibrated):
             names += list(tg.groups)
-            if q.algo != "fp8":
-                awq = set(tg.groups)
+            if r.awq or r.clip:
+                rows = set(tg.groups)
+            if r.gptq:
+                hess = set(tg.groups)
         if q.kv_cache_dtype != "auto":
             names += kv_inputs
         windows = calibration_windows(tokenizer_dir, q, max_seq_len)
         info(f"[trtc]   calibration: {len(windows)} windows of {len(windows[0])} tokens, "
              f"{len(names)} tensors")
-        stats = calibrate(src, list(dict.fromkeys(names)), awq, windows, spec, max_seq_len)
+        stats = calibrate(src, list(dict.fromkeys(names)), rows, windows, spec, max_seq_len, hess)
 
     del model
     model = onnx.load(str(src), load_external_data=True)
@@ -451,6 +478,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     fdtype = inits[tg.matmuls[0].input[1]].data_type if tg.matmuls else TensorProto.FLOAT
     np_f = helper.tensor_dtype_to_np_dtype(fdtype)
     before: dict[int, list] = {}       # id(node) -> nodes to insert before it
+    after: dict[int, list] = {}        # id(node) -> nodes to insert after it
     new_inits = []
     drop = set()
 
@@ -462,21 +490,22 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         before.setdefault(id(node), []).extend(nodes)
 
     awq_log = []
+    grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
     for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
+        st = stats.get(x_name)
         x_in = x_name
-        if q.algo in ("int4_awq", "int8_awq"):
-            st = stats[x_name]
-            rows = np.concatenate(st.rows)
-            qdq = qdq_int4(q.group_size) if q.algo == "int4_awq" else qdq_int8
-            s, alpha, ratio = awq_search(rows, st.abs_sum / st.count, ws, qdq)
+        s = None
+        if q.algo in RECIPES and RECIPES[q.algo].awq:
+            s, alpha, ratio = qa.awq_scales(np.concatenate(st.rows), st.abs_sum / st.count, ws,
+                                            qdq(q.algo, q.group_size))
             awq_log.append((alpha, ratio))
             x_in = f"{x_name}_awq"
             insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_awq_inv_scale", (1.0 / s).astype(np_f))],
                                               [x_in], name=f"{x_name}_awq_mul"))
             ws = [w * s[:, None] for w in ws]
         elif q.algo == "fp8":
-            sa = np.array(max(stats[x_name].amax, 1e-8) / FP8_MAX, dtype=np_f)
+            sa = np.array(max(st.amax, 1e-8) / FP8_MAX, dtype=np_f)
             sc = const(f"{x_name}_fp8_scale", sa)
             zp = f"{x_name}_fp8_zp"
             new_inits.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
@@ -484,27 +513,41 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             insert(nodes[0],
                    helper.make_node("QuantizeLinear", [x_name, sc, zp], [f"{x_name}_fp8"], name=f"{x_name}_fp8_q"),
                    helper.make_node("DequantizeLinear", [f"{x_name}_fp8", sc], [x_in], name=f"{x_name}_fp8_dq"))
+        group_sum = None                     # [.., K/G] sums of x_in per group (affine int4 offsets)
         for n, w in zip(nodes, ws):
             wname = n.input[1]
             base = f"{wname}_{q.algo}"
-            if q.algo in ("int8_wo", "int8_awq"):
-                qv, s = quant_int8_channel(w)
-                qt = numpy_helper.from_array(qv, base + "_q")
-                dq = helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
-                                      [base + "_w"], name=base + "_dq", axis=1)
-                deq = [dq]
-            elif q.algo in ("int4_awq", "int4_rtn"):
-                import ml_dtypes
-
-                qv, s = quant_int4_block(w, q.group_size)
-                qt = numpy_helper.from_array(qv.astype(ml_dtypes.int4), base + "_q")
-                deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
-                                        [base + "_w"], name=base + "_dq", axis=0, block_size=q.group_size)]
-            elif q.algo == "fp8":
-                qv, s = quant_fp8_channel(w)
-                qt = numpy_helper.from_array(qv, base + "_q")
-                deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", s.astype(np_f))],
-                                        [base + "_w"], name=base + "_dq", axis=1)]
+            extra = []
+            if grid is not None:
+                qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
+                if grid.kind == "fp8":
+                    import ml_dtypes
+                    qt = numpy_helper.from_array(qv.astype(ml_dtypes.float8_e4m3fn), base + "_q")
+                elif grid.group == 0:
+                    qt = numpy_helper.from_array(qv.astype(np.int8), base + "_q")
+                else:
+                    import ml_dtypes
+                    qt = numpy_helper.from_array((qv - 8).astype(ml_dtypes.int4), base + "_q")  # u - 8: -8..7
+                if grid.group == 0:
+                    deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", sc.reshape(-1).astype(np_f))],
+                                            [base + "_w"], name=base + "_dq", axis=1)]
+                else:
+                    deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", sc.astype(np_f))],
+                                            [base + "_w"], name=base + "_dq", axis=0, block_size=grid.group)]
+                if lo is not None:
+                    # w = s*u + lo = s*(u-8) + (lo + 8s):  x @ w = x @ DQ(u-8) + (x @ E) @ (lo + 8s)
+                    if group_sum is None:
+                        K = w.shape[0]
+                        ind = np.kron(np.eye(K // grid.group, dtype=np_f), np.ones((grid.group, 1), dtype=np_f))
+                        group_sum = f"{x_in}_groupsum"
+                        insert(nodes[0], helper.make_node("MatMul", [x_in, const(f"{x_in}_group_ind", ind)],
+                                                          [group_sum], name=f"{x_in}_groupsum"))
+                    off = (lo + 8.0 * sc).astype(np_f)
+                    main = f"{n.output[0]}_{q.algo}_main"
+                    extra = [helper.make_node("MatMul", [group_sum, const(base + "_offset", off)],
+                                              [f"{base}_off"], name=f"{base}_offset_mm"),
+                             helper.make_node("Add", [main, f"{base}_off"], [n.output[0]], name=f"{base}_offset_add")]
+                    n.output[0] = main
             elif q.algo == "nvfp4":
                 qv, s8, gs = quant_nvfp4(w)
                 qt = numpy_helper.from_array(qv, base + "_q")
@@ -518,6 +561,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                 raise TrtcInternalError(f"quantize: no weight rule for {q.algo}")
             new_inits.append(qt)
             insert(n, *deq)
+            after.setdefault(id(n), []).extend(extra)
             uses[wname] -= 1
             if uses[wname] == 0:
                 drop.add(wname)
@@ -542,6 +586,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     for n in g.node:
         nodes.extend(before.get(id(n), []))
         nodes.append(n)
+        nodes.extend(after.get(id(n), []))
     del g.node[:]
     g.node.extend(nodes)
     keep = [t for t in g.initializer if t.name not in drop]
@@ -563,14 +608,11 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         "quantized_linears": len(tg.matmuls) if q.algo != "none" else 0,
         "excluded": dict(EXCLUDED) if q.algo != "none" else {},
     }
+    if q.algo in RECIPES:
+        report["weights"] = RECIPES[q.algo].weights
     if q.algo.startswith("int4"):
         report["group_size"] = q.group_size
-        report["weights"] = "int4 symmetric, blockwise scales along the input dim (DequantizeLinear axis 0)"
-    elif q.algo in ("int8_wo", "int8_awq"):
-        report["weights"] = "int8 symmetric, per-output-channel scales" + (
-            ", activation-aware input-channel scaling (AWQ)" if q.algo == "int8_awq" else "")
-    elif q.algo == "fp8":
-        report["weights"] = "fp8 e4m3, per-output-channel scales"
+    if q.algo == "fp8":
         report["activations"] = "fp8 e4m3, per-tensor scales from calibration amax"
     elif q.algo == "nvfp4":
         report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"

@@ -12,10 +12,9 @@ import pytest
 
 from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
 from trtc.compiler.backend import FLAVOURS
-from trtc.compiler.quantize import (QuantConfig, awq_search, check_targets, default_targets,
-                                    dequant_int4_block, make_quant_config, quant_fp8_channel,
-                                    qdq_int4, quant_int4_block, quant_int8_channel, quant_nvfp4,
-                                    resolve_for_model)
+from trtc.compiler import quant_algos as qa
+from trtc.compiler.quantize import (QuantConfig, check_targets, default_targets, grid_of, make_quant_config,
+                                    qdq, quant_nvfp4, resolve_for_model)
 from trtc.errors import TrtcError
 
 RTX = FLAVOURS["tensorrt_rtx"]
@@ -79,20 +78,62 @@ def test_group_size_against_model():
 
 # --- numpy quantizers --------------------------------------------------------------------------
 
-def test_quantizers_round_trip():
+def test_grids_round_trip():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 96)).astype(np.float32)
-    q, s = quant_int8_channel(w)
-    assert q.dtype == np.int8 and s.shape == (96,)
-    assert np.abs(q * s - w).max() <= s.max() / 2 + 1e-6
-    q4, s4 = quant_int4_block(w, 64)
-    assert q4.min() >= -8 and q4.max() <= 7 and s4.shape == (4, 96)
-    assert np.abs(dequant_int4_block(q4, s4, 64) - w).max() <= s4.max() / 2 + 1e-6
-    f8, sf = quant_fp8_channel(w)
-    assert np.abs(f8.astype(np.float32) * sf - w).max() <= np.abs(w).max() * 2 ** -4
+    g8 = grid_of("int8_wo", 64)
+    q, s, lo = qa.rtn(w, g8)
+    assert lo is None and s.shape == (1, 96) and q.min() >= -127 and q.max() <= 127
+    assert np.abs(qa.dequantize(q, g8, s, lo) - w).max() <= s.max() / 2 + 1e-6
+    g4 = grid_of("int4_awq", 64)
+    q4, s4, lo4 = qa.rtn(w, g4)
+    assert q4.min() >= 0 and q4.max() <= 15 and s4.shape == lo4.shape == (4, 96)
+    assert np.abs(qa.dequantize(q4, g4, s4, lo4) - w).max() <= s4.max() / 2 + 1e-6
+    gf = grid_of("fp8", 64)
+    f8, sf, _ = qa.rtn(w, gf)
+    assert np.abs(qa.dequantize(f8, gf, sf, None) - w).max() <= np.abs(w).max() * 2 ** -4
     f4, s8, g = quant_nvfp4(w)
     deq = (f4.astype(np.float32).reshape(16, 16, 96) * (s8.astype(np.float32) * g)[:, None, :]).reshape(256, 96)
     assert np.abs(deq - w).max() <= np.abs(w).max() * 0.25
+
+
+def test_affine_int4_reproduces_a_q4_1_grid_exactly():
+    """Weights that already lie on a Q4_1 grid (scale and min per 32 rows, all 16 levels used) come
+    back unchanged from the affine int4 grid at group 32: the float offset is what makes this so."""
+    rng = np.random.default_rng(2)
+    u = rng.integers(0, 16, (128, 8)).astype(np.float32)
+    u[::32] = 0
+    u[1::32] = 15
+    d = rng.uniform(0.01, 0.1, (4, 1, 8)).astype(np.float32)
+    m = rng.uniform(-1, 0, (4, 1, 8)).astype(np.float32)
+    w = (u.reshape(4, 32, 8) * d + m).reshape(128, 8)
+    g = grid_of("int4_rtn", 32)
+    q, s, lo = qa.rtn(w, g)
+    np.testing.assert_allclose(qa.dequantize(q, g, s, lo), w, atol=1e-6)
+
+
+def _correlated(rng, n, k):
+    base = rng.standard_normal((n, 8))
+    x = base @ rng.standard_normal((8, k)) + 0.1 * rng.standard_normal((n, k))
+    x[:, :4] *= 20.0                            # a few salient input channels, as in real LLMs
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("algo", ["int8_wo", "int4_awq", "fp8"])
+def test_gptq_lowers_output_error_vs_rtn(algo):
+    """On correlated inputs, GPTQ's rounding gives a smaller output error ||x W - x Q(W)|| than
+    round-to-nearest on the same grid, on held-out rows drawn from the same distribution."""
+    rng = np.random.default_rng(3)
+    x = _correlated(rng, 2048, 128)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    grid = grid_of(algo, 32)
+    held = x[1024:]
+    H = x[:1024].T @ x[:1024] / 1024
+    q, s, lo = qa.gptq(w, H, grid)
+    err_gptq = np.linalg.norm(held @ (qa.dequantize(q, grid, s, lo) - w))
+    q, s, lo = qa.rtn(w, grid)
+    err_rtn = np.linalg.norm(held @ (qa.dequantize(q, grid, s, lo) - w))
+    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
 
 
 def test_awq_never_worse_than_rtn_on_its_data():
@@ -100,9 +141,24 @@ def test_awq_never_worse_than_rtn_on_its_data():
     x = rng.standard_normal((128, 128)).astype(np.float32)
     x[:, :4] *= 30.0                            # a few salient input channels, as in real LLMs
     ws = [rng.standard_normal((128, 64)).astype(np.float32) for _ in range(2)]
-    s, alpha, ratio = awq_search(x, np.abs(x).mean(0), ws, qdq_int4(32))
+    s, alpha, ratio = qa.awq_scales(x, np.abs(x).mean(0), ws, qdq("int4_awq", 32))
     assert s.shape == (128,) and 0.0 <= alpha <= 1.0
     assert ratio < 0.9                           # salient channels: scaling clearly helps
+
+
+def test_clip_search_never_worse_than_full_range():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w[5, 3] = 12.0                              # one outlier stretches its group's range
+    grid = grid_of("int4_awq", 32)
+    clip = qa.clip_search(w, x, grid)
+    assert clip.shape == (2, 32) and clip.min() >= 0.5 and clip.max() <= 1.0
+    errs = []
+    for c in (1.0, clip):
+        q, s, lo = qa.rtn(w, grid, c)
+        errs.append(np.linalg.norm(x @ (qa.dequantize(q, grid, s, lo) - w)))
+    assert errs[1] <= errs[0]
 
 
 # --- end to end on a tiny model -----------------------------------------------------------------
