@@ -66,7 +66,8 @@ from .spec import ModelSpec, fingerprint_of
 ALGOS = ("none", "fp8", "int8_wo", "int8_awq", "int4_awq", "int4_rtn", "nvfp4")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
-BUNDLED_CALIB = "calib.txt"     # Python reference manual sections; trtc/data/eval.txt is disjoint
+BUNDLED_CALIB = "calib.txt"     # Python docs topics (pydoc_data, CPython 3.11) except those in eval.txt
+DEFAULT_CALIB_SAMPLES = 128     # windows of 128 tokens: 16k tokens (GPTQ's Hessians need them)
 DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
 FP8_MAX, INT8_MAX, FP4_MAX = 448.0, 127.0, 6.0
@@ -87,7 +88,7 @@ class QuantConfig:
     group_size: int = DEFAULT_GROUP_SIZE   # int4: input rows per scale (resolved per model)
     calib_source: str = "bundled:" + BUNDLED_CALIB
     calib_sha256: str = ""
-    calib_samples: int = 16            # windows of calib_seq_len tokens
+    calib_samples: int = DEFAULT_CALIB_SAMPLES   # windows of calib_seq_len tokens
     calib_seq_len: int = 128
     group_size_explicit: bool = False  # the user named --group-size: never adjust it
 
@@ -149,7 +150,7 @@ def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_da
                        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
                        group_size_explicit=group_size is not None,
                        calib_source=source, calib_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                       calib_samples=16 if calib_samples is None else calib_samples)
+                       calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples)
 
 
 def _min_sm(q: QuantConfig, flavour: Flavour) -> tuple[int, str] | None:
@@ -290,8 +291,9 @@ class _ActStats:
 
 
 def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -> list[np.ndarray]:
-    """The calibration text as token windows [min(calib_seq_len, max_seq_len)] (fewer windows
-    than calib_samples if the text is short; positions must stay inside the rotary cache)."""
+    """The calibration text as token windows [min(calib_seq_len, max_seq_len)], spread evenly over
+    the text (fewer windows than calib_samples if the text is short; positions must stay inside
+    the rotary cache)."""
     from transformers import AutoTokenizer
 
     text = (Path(q.calib_source) if not q.calib_source.startswith("bundled:")
@@ -300,8 +302,10 @@ def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -
     if len(ids) < 8:
         raise TrtcError(f"--calib-data {q.calib_source} has {len(ids)} tokens; give at least a few hundred")
     S = min(q.calib_seq_len, max_seq_len, len(ids))
-    n = min(q.calib_samples, len(ids) // S)
-    return [ids[i * S:(i + 1) * S] for i in range(n)]
+    total = len(ids) // S
+    n = min(q.calib_samples, total)
+    starts = np.linspace(0, total - 1, n).round().astype(int) * S
+    return [ids[i:i + S] for i in starts]
 
 
 def calibrate(onnx_path: Path, names: list[str], awq_names: set[str], windows: list[np.ndarray],

@@ -60,7 +60,7 @@ def _quant_options(f):
                           "model dtype: TensorRT-RTX 1.7 rejects 8-bit caches)."),
         click.option("--calib-data", default=None, metavar="FILE",
                      help="Calibration text (UTF-8) [default: bundled trtc/data/calib.txt]."),
-        click.option("--calib-samples", type=int, default=None, help="Calibration windows of 128 tokens [default: 16]."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows of 128 tokens, spread over the text [default: 128]."),
         click.option("--group-size", type=int, default=None,
                      help="int4: input rows per scale [default: 128, or the largest power of two dividing the layer sizes]."),
     ]
