@@ -75,7 +75,9 @@ def simulate(recipe, w, st):
         clip = qa.clip_search(ws, x / s, grid)
     if "gptq" in opts:
         H = st["H"] / np.outer(s, s)
-        q, sc, z = qa.gptq(ws, H, grid, clip=None if "clip" not in opts else clip)
+        damp = next((float(o[4:]) for o in opts if o.startswith("damp")), 0.01)
+        q, sc, z = qa.gptq(ws, H, grid, clip=None if "clip" not in opts else clip, damp=damp,
+                           act_order="natural" not in opts)
     else:
         q, sc, z = qa.rtn(ws, grid, clip)
     wq = qa.dequantize(q, grid, sc, z) / s[:, None]
