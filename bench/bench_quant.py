@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,13 @@ def stage_times(stderr: str) -> dict[str, float]:
     return out
 
 
+def _short(row: dict) -> str:
+    err = row.get("eval_error", row.get("error", "-"))
+    m = re.search(r"implementation for (\w+\(\d+\))", err)
+    what = " for FP4" if row.get("mode") == "nvfp4" else ""
+    return f"n/a: ONNX Runtime has no {m.group(1)} kernel{what}" if m else err[:60]
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table of the JSON rows (accuracy vs the float model, size, build time)."""
     out = ["| mode | target | top-1 agreement | perplexity | vs float model | engine MB | onnx data MB | quantize s | build s |",
@@ -72,7 +80,7 @@ def table(rows: list[dict]) -> str:
         ppl, ref = e.get("perplexity"), e.get("reference_perplexity")
         st = r.get("stages_s", {})
         cells = [r["mode"], r.get("target", ""),
-                 f"{e['top1_agreement'] * 100:.2f}%" if e.get("top1_agreement") is not None else r.get("eval_error", r.get("error", "-"))[:60],
+                 f"{e['top1_agreement'] * 100:.2f}%" if e.get("top1_agreement") is not None else _short(r),
                  f"{ppl:.3f}" if ppl else "-", f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "-",
                  f"{r['engine_bytes'] / 1e6:.0f}" if "engine_bytes" in r else "-",
                  f"{r['onnx_data_bytes'] / 1e6:.0f}" if "onnx_data_bytes" in r else "-",

@@ -55,7 +55,16 @@ class OnnxRuntimeSession:
             # 3.5% of argmaxes flip); the reference backend must compute the graph as written.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.ed = ed
-        self.sess = ort.InferenceSession(str(ed.path / onnx_file), so, providers=["CPUExecutionProvider"])
+        try:
+            self.sess = ort.InferenceSession(str(ed.path / onnx_file), so, providers=["CPUExecutionProvider"])
+        except Exception as e:     # onnxruntime's pybind exception types are not importable by name
+            if type(e).__name__ != "NotImplemented":
+                raise
+            why = str(e).split("NOT_IMPLEMENTED : ")[-1]
+            algo = (ed.config.get("quantization") or {}).get("quant_algo")
+            raise TrtcError(f"ONNX Runtime {ort.__version__} cannot run {ed.path}'s rank graph"
+                            f"{f' (--quant {algo})' if algo else ''}: {why}; run this engine dir with "
+                            f"--backend tensorrt on a GPU of its target") from None
         self.names = cache_names(ed.spec.num_layers)
         self.cache: list = []
 

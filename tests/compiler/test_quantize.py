@@ -248,6 +248,12 @@ def test_nvfp4_builds_for_sm120(tiny_export, tmp_path):
     types = _init_types(eng / "rank0.onnx")
     assert sum(t == onnx.TensorProto.FLOAT4E2M1 for t in types.values()) == 14
     assert (eng / "rank0.engine").stat().st_size > 0
+    # the reference backend says so in one line (it used to be an onnxruntime traceback)
+    from trtc.runtime.api import open_session
+    from trtc.runtime.engine_dir import load_engine_dir
+
+    with pytest.raises(TrtcError, match=r"cannot run .*--quant nvfp4.*DequantizeLinear.*--backend tensorrt"):
+        open_session(load_engine_dir(eng), "onnxruntime")
 
 
 def test_quantized_export_dir_refuses_second_quantization(tiny_model, tmp_path):
