@@ -60,6 +60,7 @@ from trtc.errors import TrtcError, TrtcInternalError
 from trtc.log import info
 
 from . import quant_algos as qa
+from .quant_algos import FP8_MAX, INT8_MAX
 from .backend import Flavour, sm_number
 from .spec import ModelSpec, fingerprint_of
 
@@ -70,8 +71,7 @@ BUNDLED_CALIB = "calib.txt"     # Python docs topics (pydoc_data, CPython 3.11) 
 DEFAULT_CALIB_SAMPLES = 128     # windows of 128 tokens: 16k tokens (GPTQ's Hessians need them)
 DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
-FP8_MAX, INT8_MAX, FP4_MAX = 448.0, 127.0, 6.0
-INT8_MAX_I = 127
+FP4_MAX = 6.0
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
 
 EXCLUDED = {
@@ -109,8 +109,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algo == "fp8" or (self.algo in RECIPES and RECIPES[self.algo].calibrated)
-                or self.kv_cache_dtype != "auto")
+        return (self.algo in RECIPES and RECIPES[self.algo].calibrated) or self.kv_cache_dtype != "auto"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -361,8 +360,8 @@ class Recipe:
     weights: str = ""      # config.json description
 
     @property
-    def calibrated(self) -> bool:
-        return self.awq or self.clip or self.gptq
+    def calibrated(self) -> bool:      # fp8 also calibrates its activation scales
+        return self.awq or self.clip or self.gptq or self.grid == "fp8"
 
 
 _INT4 = "int4 affine (scale and float offset per group of input rows): int4 values in a blockwise " \
@@ -383,7 +382,7 @@ RECIPES = {
 def grid_of(algo: str, group_size: int) -> qa.Grid:
     kind = RECIPES[algo].grid
     if kind == "int8":
-        return qa.Grid("int", -INT8_MAX_I, INT8_MAX_I, 0)
+        return qa.Grid("int", -int(INT8_MAX), int(INT8_MAX), 0)
     if kind == "int4":
         return qa.Grid("int", 0, 15, group_size)
     return qa.Grid("fp8", 0, 0, 0)
@@ -442,6 +441,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                         max_seq_len: int) -> QuantResult:
     """Quantize `src` (rank graph + external data) into `out` (+ out.name + '.data').
     `out` may equal `src`: everything is read before anything is written."""
+    import ml_dtypes
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -457,7 +457,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         names = []
         rows, hess = set(), set()
         r = RECIPES.get(q.algo)
-        if q.algo == "fp8" or (r is not None and r.calibrated):
+        if r is not None and r.calibrated:
             names += list(tg.groups)
             if r.awq or r.clip:
                 rows = set(tg.groups)
@@ -525,12 +525,10 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             if grid is not None:
                 qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
                 if grid.kind == "fp8":
-                    import ml_dtypes
                     qt = numpy_helper.from_array(qv.astype(ml_dtypes.float8_e4m3fn), base + "_q")
                 elif grid.group == 0:
                     qt = numpy_helper.from_array(qv.astype(np.int8), base + "_q")
                 else:
-                    import ml_dtypes
                     qt = numpy_helper.from_array((qv - 8).astype(ml_dtypes.int4), base + "_q")  # u - 8: -8..7
                 if grid.group == 0:
                     deq = [helper.make_node("DequantizeLinear", [qt.name, const(base + "_s", sc.reshape(-1).astype(np_f))],

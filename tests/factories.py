@@ -87,3 +87,14 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, dtype: s
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
         out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
     return out
+
+
+def pass_test_spec(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 8, window=None):
+    """The one-layer Llama ModelSpec the graph-pass tests build their hand-made graphs against."""
+    from trtc.compiler.spec import ModelSpec
+
+    return ModelSpec(family="llama", architecture="LlamaForCausalLM", vocab_size=16, hidden_size=32,
+                     intermediate_size=64, num_layers=1, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     head_dim=head_dim, max_position_embeddings=64, rope_type="default", rope_theta=10000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=False, qk_norm=False,
+                     sliding_window=window, source_dtype="float32", bos_token_id=1, eos_token_ids=(2,))

@@ -9,6 +9,7 @@ import pytest
 
 from trtc.compiler.graph_check import check_graph
 from trtc.compiler.passes import PIPELINE, PassContext, get_pass, run_passes
+from factories import pass_test_spec
 from trtc.compiler.spec import ModelSpec
 from trtc.errors import TrtcError, TrtcInternalError
 
@@ -17,11 +18,7 @@ HKV, D, HQ = 2, 8, 4
 
 
 def spec(window=None) -> ModelSpec:
-    return ModelSpec(family="llama", architecture="LlamaForCausalLM", vocab_size=16, hidden_size=32,
-                     intermediate_size=64, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                     max_position_embeddings=64, rope_type="default", rope_theta=10000.0, rms_norm_eps=1e-6,
-                     tie_word_embeddings=False, qkv_bias=False, qk_norm=False, sliding_window=window,
-                     source_dtype="float32", bos_token_id=1, eos_token_ids=(2,))
+    return pass_test_spec(HQ, HKV, D, window)
 
 
 def ctx(window=None, max_seq=16) -> PassContext:

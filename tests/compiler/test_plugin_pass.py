@@ -17,6 +17,7 @@ from trtc.compiler.config import BuildConfig
 from trtc.compiler.graph_check import PLUGIN_DOMAIN, check_graph
 from trtc.compiler.passes import PLUGIN_PIPELINE, PassContext, get_pass, pipeline_for, validate_dump_after
 from trtc.compiler.passes.plugin_attention import BLOCK_TABLES, pool_names
+from factories import pass_test_spec
 from trtc.compiler.spec import ModelSpec
 from trtc.errors import TrtcError, TrtcInternalError
 from trtc.plugins.reference import rope_tables
@@ -28,11 +29,7 @@ HQ, HKV, D, MAX, BS = 4, 2, 8, 24, 16
 
 
 def spec(window=None) -> ModelSpec:
-    return ModelSpec(family="llama", architecture="LlamaForCausalLM", vocab_size=16, hidden_size=32,
-                     intermediate_size=64, num_layers=1, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
-                     max_position_embeddings=64, rope_type="default", rope_theta=10000.0, rms_norm_eps=1e-6,
-                     tie_word_embeddings=False, qkv_bias=False, qk_norm=False, sliding_window=window,
-                     source_dtype="float32", bos_token_id=1, eos_token_ids=(2,))
+    return pass_test_spec(HQ, HKV, D, window)
 
 
 def ctx(window=None) -> PassContext:
