@@ -32,6 +32,11 @@ def fq_fp8(x, scale):
     return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
+def fq_mantissa(x, bits):
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.round(m * 2 ** (bits + 1)) / 2 ** (bits + 1), e)
+
+
 def simulate(recipe, w, st):
     """recipe -> (dequantized weight [K, N] as the MatMul sees it, activation fake-quant or None)."""
     parts = recipe.split("_")
@@ -46,6 +51,24 @@ def simulate(recipe, w, st):
         grid = qa.Grid("int", -8, 7, g)
     elif kind == "int4a":
         grid = qa.Grid("int", 0, 15, g)
+    nout = next((int(o[1:]) for o in opts if o.startswith("o") and o[1:].isdigit()), 0)
+    if nout:   # outlier input channels (largest calibration amax) kept in float, the rest quantized
+        out_idx = np.argsort(st["camax"])[-nout:]
+        keep = np.setdiff1d(np.arange(w.shape[0]), out_idx)
+        sub = dict(st, rows=st["rows"][:, keep], abs=st["abs"][keep], camax=st["camax"][keep],
+                   H=st["H"][np.ix_(keep, keep)])
+        wq_k, act_k = simulate("_".join(p for p in parts if p != f"o{nout}"), w[keep], sub)
+        wq = w.copy()
+        wq[keep] = wq_k
+        if act_k is None:
+            return wq, None
+        ki = torch.from_numpy(keep)
+
+        def act(t):
+            t = t.clone()
+            t[..., ki] = act_k(t[..., ki])
+            return t
+        return wq, act
     x = st["rows"]
     s = np.ones(w.shape[0], np.float32)
     if "awq" in opts:
@@ -84,8 +107,14 @@ def simulate(recipe, w, st):
     act = None
     if kind == "fp8" and "w" not in opts:
         amax = float(np.max(st["camax"] / s))
+        amax *= next((float(o[1:]) for o in opts if o.startswith("x") and o[1:].replace(".", "").isdigit()), 1.0)
         st_s = torch.from_numpy(s)
-        act = lambda t: fq_fp8(t / st_s, amax / 448) * st_s
+        if "nosub" in opts:      # 3 mantissa bits, unbounded exponent: the rounding fp8 cannot avoid
+            act = lambda t: fq_mantissa(t / st_s, 3) * st_s
+        elif "tok" in opts:      # a dynamic scale per token (row)
+            act = lambda t: fq_fp8(t / st_s, t.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448) * st_s
+        else:
+            act = lambda t: fq_fp8(t / st_s, amax / 448) * st_s
     if "a" in opts:          # activations only
         wq = w
     return wq, act
@@ -129,12 +158,23 @@ def linears(m):
             if isinstance(mod, torch.nn.Linear) and not n.endswith("lm_head")]
 
 
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
-def calibrate(m, wins):
-    """Per Linear: X^T X [K, K] (float64), mean |x| [K], amax, sampled rows."""
+def calibrate(m, wins, only=None, stop_after=None):
+    """Per Linear: X^T X [K, K] (float64), mean |x| [K], amax, sampled rows. `only`: names to
+    collect; `stop_after`: a module after whose forward the pass stops (sequential calibration)."""
     st = {}
     hooks = []
+    if stop_after is not None:
+        def stop(*_):
+            raise _Stop
+        hooks.append(stop_after.register_forward_hook(stop))
     for n, mod in linears(m):
+        if only is not None and n not in only:
+            continue
         def hook(mod, args, n=n):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             s = st.setdefault(n, {"H": 0, "abs": 0, "amax": 0.0, "n": 0, "rows": []})
@@ -146,7 +186,10 @@ def calibrate(m, wins):
             s["rows"].append(x[::4].float())
         hooks.append(mod.register_forward_pre_hook(hook))
     for w in wins:
-        m(torch.tensor([w]))
+        try:
+            m(torch.tensor([w]))
+        except _Stop:
+            pass
     for h in hooks:
         h.remove()
     for s in st.values():
@@ -253,11 +296,19 @@ def main():
         r, _, only = r.partition("@")
         skip = only.startswith("!")
         only = only.lstrip("!")
+        seq = "_seq" in r          # sequential: layer i calibrated on the model with layers < i quantized
         for n, mod in linears(m):
             mod.weight.data = orig[n]
+        for n, mod in linears(m):
             if only and ((only in n) == skip):
                 continue
             w = orig[n].T.numpy().astype(np.float32)            # ONNX layout [K, N]
+            if seq and (r, n) not in cache:
+                layer = int(n.split("layers.")[1].split(".")[0])
+                names = [x for x, _ in linears(m) if f"layers.{layer}." in x]
+                if n == names[0]:
+                    st_seq = calibrate(m, cal, set(names), m.model.layers[layer])
+                cache[(r, n)] = simulate(r.replace("_seq", ""), w, st_seq[n])
             if (r, n) not in cache:
                 cache[(r, n)] = simulate(r, w, st[n])
             wq, act = cache[(r, n)]

@@ -73,6 +73,8 @@ DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
 FP4_MAX = 6.0
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
+DEFAULT_OUTLIER_CHANNELS = 16   # fp8: per linear, the input channels with the largest calibration
+                                # amax stay in the model dtype (see the fp8 mode above)
 
 EXCLUDED = {
     "lm_head": "kept in the model dtype: the logits' precision decides the next token, and the "
@@ -91,6 +93,7 @@ class QuantConfig:
     calib_samples: int = DEFAULT_CALIB_SAMPLES   # windows of calib_seq_len tokens
     calib_seq_len: int = 128
     group_size_explicit: bool = False  # the user named --group-size: never adjust it
+    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS   # fp8: input channels per linear kept out of FP8
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -102,6 +105,8 @@ class QuantConfig:
             raise TrtcError(f"--group-size {self.group_size} must be a positive integer, e.g. 128")
         if self.calib_samples < 1:
             raise TrtcError(f"--calib-samples {self.calib_samples} must be at least 1")
+        if self.outlier_channels < 0:
+            raise TrtcError(f"--outlier-channels {self.outlier_channels} must be 0 (none) or more")
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +121,8 @@ class QuantConfig:
         d.pop("group_size_explicit")
         if not self.algo.startswith("int4"):
             d.pop("group_size")
+        if self.algo != "fp8":
+            d.pop("outlier_channels")
         if not self.needs_calibration:
             for k in ("calib_source", "calib_sha256", "calib_samples", "calib_seq_len"):
                 d.pop(k)
@@ -129,7 +136,8 @@ class QuantConfig:
 
 
 def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_data: str | None = None,
-                      calib_samples: int | None = None, group_size: int | None = None) -> QuantConfig:
+                      calib_samples: int | None = None, group_size: int | None = None,
+                      outlier_channels: int | None = None) -> QuantConfig:
     """Validate the CLI options and hash the calibration text (the bundled one by default)."""
     if calib_data is not None:
         p = Path(calib_data).expanduser()
@@ -149,7 +157,8 @@ def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_da
                        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
                        group_size_explicit=group_size is not None,
                        calib_source=source, calib_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                       calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples)
+                       calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples,
+                       outlier_channels=DEFAULT_OUTLIER_CHANNELS if outlier_channels is None else outlier_channels)
 
 
 def _min_sm(q: QuantConfig, flavour: Flavour) -> tuple[int, str] | None:
@@ -202,9 +211,13 @@ def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
     """Check the group size against every linear layer's input size. The default (128) falls back
     to the largest power of two that divides them all (e.g. 64 for hidden size 576); a group size
     the user named is never changed."""
+    feats = _in_features(spec)
+    if q.algo == "fp8" and q.outlier_channels >= min(feats.values()) // 2:
+        name, val = min(feats.items(), key=lambda kv: kv[1])
+        raise TrtcError(f"--outlier-channels {q.outlier_channels} is too many for the {name} {val} of this "
+                        f"model: keep it well under half of it (default {DEFAULT_OUTLIER_CHANNELS}, 0 for none)")
     if not q.algo.startswith("int4"):
         return q
-    feats = _in_features(spec)
     bad = {k: v for k, v in feats.items() if v % q.group_size}
     if not bad:
         return q
@@ -270,6 +283,14 @@ class _ActStats:
     count: int = 0
     rows: list = dataclasses.field(default_factory=list)   # sampled [r, K] float32 blocks
     xtx: np.ndarray | None = None          # [K, K] sum of x^T x (GPTQ's Hessian, up to 2/n)
+    camax: np.ndarray | None = None        # [K] max |x| per input channel
+
+    def channels(self, keep: np.ndarray) -> "_ActStats":
+        """These statistics restricted to the input channels `keep`."""
+        return _ActStats(amax=float(self.camax[keep].max()), abs_sum=self.abs_sum[keep], count=self.count,
+                         rows=[r[:, keep] for r in self.rows],
+                         xtx=None if self.xtx is None else self.xtx[np.ix_(keep, keep)],
+                         camax=self.camax[keep])
 
     @property
     def hessian(self) -> np.ndarray:
@@ -280,8 +301,11 @@ class _ActStats:
         if hessian:
             xtx = x.T @ x
             self.xtx = xtx if self.xtx is None else self.xtx + xtx
-        self.amax = max(self.amax, float(np.abs(x).max()))
-        s = np.abs(x).sum(0)
+        ax = np.abs(x)
+        c = ax.max(0)
+        self.camax = c if self.camax is None else np.maximum(self.camax, c)
+        self.amax = float(self.camax.max())
+        s = ax.sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
         if keep_rows:
@@ -494,12 +518,14 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         before.setdefault(id(node), []).extend(nodes)
 
     awq_log = []
+    outliers_log = []        # fp8: per activation, full amax / amax of the channels left in FP8
     grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
     for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
         st = stats.get(x_name)
         x_in = x_name
         s = None
+        out_idx = None
         if q.algo in RECIPES and RECIPES[q.algo].awq:
             s, alpha, ratio = qa.awq_scales(np.concatenate(st.rows), st.abs_sum / st.count, ws,
                                             qdq(q.algo, q.group_size))
@@ -509,13 +535,31 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                                               [x_in], name=f"{x_name}_awq_mul"))
             ws = [w * s[:, None] for w in ws]
         elif q.algo == "fp8":
+            x_q = x_name
+            if q.outlier_channels:
+                # Outlier decomposition (LLM.int8()-style): the input channels with the largest
+                # calibration amax bypass FP8 - zeroed before the quantizer, multiplied by their
+                # float weight rows in a small [.., n] @ [n, N] MatMul added to the FP8 GEMM.
+                out_idx = np.sort(np.argsort(st.camax)[-q.outlier_channels:])
+                keep = np.setdiff1d(np.arange(len(st.camax)), out_idx)
+                mask = np.ones(len(st.camax), np_f)
+                mask[out_idx] = 0
+                x_q = f"{x_name}_fp8_inliers"
+                x_out = f"{x_name}_outliers"
+                insert(nodes[0],
+                       helper.make_node("Mul", [x_name, const(f"{x_name}_inlier_mask", mask)], [x_q],
+                                        name=f"{x_name}_inlier_mul"),
+                       helper.make_node("Gather", [x_name, const(f"{x_name}_outlier_idx", out_idx.astype(np.int64))],
+                                        [x_out], name=f"{x_name}_outlier_gather", axis=-1))
+                st = st.channels(keep)
+                outliers_log.append(float(np.max(stats[x_name].camax) / max(st.amax, 1e-8)))
             sa = np.array(max(st.amax, 1e-8) / FP8_MAX, dtype=np_f)
             sc = const(f"{x_name}_fp8_scale", sa)
             zp = f"{x_name}_fp8_zp"
             new_inits.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
             x_in = f"{x_name}_fp8_dq"
             insert(nodes[0],
-                   helper.make_node("QuantizeLinear", [x_name, sc, zp], [f"{x_name}_fp8"], name=f"{x_name}_fp8_q"),
+                   helper.make_node("QuantizeLinear", [x_q, sc, zp], [f"{x_name}_fp8"], name=f"{x_name}_fp8_q"),
                    helper.make_node("DequantizeLinear", [f"{x_name}_fp8", sc], [x_in], name=f"{x_name}_fp8_dq"))
         group_sum = None                     # [.., K/G] sums of x_in per group (affine int4 offsets)
         for n, w in zip(nodes, ws):
@@ -523,7 +567,17 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             base = f"{wname}_{q.algo}"
             extra = []
             if grid is not None:
-                qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
+                if out_idx is not None:        # fp8 outlier rows: float MatMul, zero rows in FP8
+                    qk, sc, lo = quantize_weight(w[keep], q.algo, grid, st, s)
+                    qv = np.zeros_like(w)
+                    qv[keep] = qk
+                    main = f"{n.output[0]}_{q.algo}_main"
+                    extra = [helper.make_node("MatMul", [x_out, const(base + "_outlier_rows", w[out_idx].astype(np_f))],
+                                              [f"{base}_outl"], name=f"{base}_outlier_mm"),
+                             helper.make_node("Add", [main, f"{base}_outl"], [n.output[0]], name=f"{base}_outlier_add")]
+                    n.output[0] = main
+                else:
+                    qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
                 if grid.kind == "fp8":
                     qt = numpy_helper.from_array(qv.astype(ml_dtypes.float8_e4m3fn), base + "_q")
                 elif grid.group == 0:
@@ -616,6 +670,15 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         report["group_size"] = q.group_size
     if q.algo == "fp8":
         report["activations"] = "fp8 e4m3, per-tensor scales from calibration amax"
+        if q.outlier_channels:
+            report["activations"] += (
+                f"; per linear, the {q.outlier_channels} input channels with the largest calibration amax "
+                "stay in the model dtype (a small MatMul with their float weight rows, added to the FP8 GEMM)")
+            report["outlier_channels"] = {
+                "per_linear": q.outlier_channels,
+                "why": "FP8 e4m3 keeps 3 mantissa bits: rounding the few large-magnitude activation channels "
+                       "costs more accuracy than all the others (bench/RESULTS-quant.md)",
+                "amax_ratio_mean": round(float(np.mean(outliers_log)), 2) if outliers_log else None}
     elif q.algo == "nvfp4":
         report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"
         report["activations"] = "model dtype (weight-only: dynamic FP4 activation quantization has no standard ONNX op)"

@@ -63,6 +63,9 @@ def _quant_options(f):
         click.option("--calib-samples", type=int, default=None, help="Calibration windows of 128 tokens, spread over the text [default: 128]."),
         click.option("--group-size", type=int, default=None,
                      help="int4: input rows per scale [default: 128, or the largest power of two dividing the layer sizes]."),
+        click.option("--outlier-channels", type=int, default=None,
+                     help="fp8: per linear, input channels with the largest calibration amax kept in the model "
+                          "dtype (a small extra MatMul); 0 puts every channel in FP8 [default: 16]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -79,10 +82,10 @@ def _attention_options(f):
                              "TensorRT only) [default: native, or the export dir's].")(f)
 
 
-def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size):
+def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels):
     from trtc.compiler.quantize import make_quant_config
 
-    return make_quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
+    return make_quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
 
 
 def _print_times(times) -> None:
@@ -111,13 +114,13 @@ def _print_times(times) -> None:
 @_attention_options
 def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after,
           attention, kv_block_size,
-          quant, kv_cache_dtype, calib_data, calib_samples, group_size):
+          quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels):
     """Build a TensorRT engine dir from a model."""
     from trtc.compiler.backend import parse_targets, resolve_flavour
     from trtc.compiler.pipeline import build_model, default_output
     from trtc.compiler.quantize import check_targets, default_targets
 
-    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
     fl = resolve_flavour(flavour)
     targets = parse_targets(target, fl) if target else default_targets(qcfg, fl)
     check_targets(qcfg, fl, targets)
@@ -139,11 +142,11 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
 @_quant_options
 @_attention_options
 def export(model, output, dtype, max_seq_len, dump_after, attention, kv_block_size, quant, kv_cache_dtype, calib_data,
-           calib_samples, group_size):
+           calib_samples, group_size, outlier_channels):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model
 
-    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size)
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
     path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after),
                                quant=qcfg, attention=attention,
                                kv_block_size=int(kv_block_size) if kv_block_size else None)
