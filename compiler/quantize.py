@@ -25,6 +25,12 @@ the grid and the rounding (algorithms in quant_algos.py):
   fp8       FP8 e4m3 weights (per output channel scales, GPTQ rounding) and activations
             (per-tensor scale from the calibration amax): QuantizeLinear -> DequantizeLinear on the
             activation, DequantizeLinear on the weight, MatMul: TensorRT fuses this into an FP8 GEMM.
+            Outlier decomposition (--outlier-channels, default 16; LLM.int8()-style): per
+            activation, the channels with the largest calibration amax are zeroed before the
+            quantizer (their FP8 weight rows are zero) and multiplied by their float weight rows
+            in a small [.., n] @ [n, N] MatMul added to the GEMM's output. FP8 keeps 3 mantissa
+            bits whatever the scale, and on SmolLM2 rounding those few channels cost more top-1
+            agreement than all the rest (bench/RESULTS-quant.md: 91.5% -> 95.2%).
   nvfp4     FP4 e2m1 weights in blocks of 16 input rows with FP8 e4m3 block scales and one fp32
             global scale per weight (two DequantizeLinears). Activations stay in the model dtype
             (weight-only): FP4 activations need dynamic block quantization, which standard ONNX
@@ -73,8 +79,15 @@ DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
 FP4_MAX = 6.0
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
-DEFAULT_OUTLIER_CHANNELS = 16   # fp8: per linear, the input channels with the largest calibration
-                                # amax stay in the model dtype (see the fp8 mode above)
+# Per mode, the input channels per linear whose weight rows stay in the model dtype (outlier
+# decomposition, see the fp8 mode above); only modes whose grid stores an exact zero can take it.
+DEFAULT_OUTLIER_CHANNELS = {"fp8": 16, "int8_wo": 16, "int8_awq": 16}
+OUTLIER_WHY = {
+    "fp8": "FP8 e4m3 keeps 3 mantissa bits whatever the scale: rounding the few large-magnitude activation "
+           "channels costs more accuracy than all the others (bench/RESULTS-quant.md)",
+    "int8": "the weight rows of the largest activation channels carry most of the rounding error's effect "
+            "on the output (AWQ's salient channels; bench/RESULTS-quant.md)",
+}
 
 EXCLUDED = {
     "lm_head": "kept in the model dtype: the logits' precision decides the next token, and the "
@@ -93,7 +106,7 @@ class QuantConfig:
     calib_samples: int = DEFAULT_CALIB_SAMPLES   # windows of calib_seq_len tokens
     calib_seq_len: int = 128
     group_size_explicit: bool = False  # the user named --group-size: never adjust it
-    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS   # fp8: input channels per linear kept out of FP8
+    outlier_channels: int = 0          # per linear, input channels kept in the model dtype
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -107,6 +120,9 @@ class QuantConfig:
             raise TrtcError(f"--calib-samples {self.calib_samples} must be at least 1")
         if self.outlier_channels < 0:
             raise TrtcError(f"--outlier-channels {self.outlier_channels} must be 0 (none) or more")
+        if self.outlier_channels and self.algo not in DEFAULT_OUTLIER_CHANNELS:
+            raise TrtcError(f"--outlier-channels applies to --quant {', '.join(DEFAULT_OUTLIER_CHANNELS)}, "
+                            f"not {self.algo}: drop it")
 
     @property
     def enabled(self) -> bool:
@@ -121,7 +137,7 @@ class QuantConfig:
         d.pop("group_size_explicit")
         if not self.algo.startswith("int4"):
             d.pop("group_size")
-        if self.algo != "fp8":
+        if self.algo not in DEFAULT_OUTLIER_CHANNELS:
             d.pop("outlier_channels")
         if not self.needs_calibration:
             for k in ("calib_source", "calib_sha256", "calib_samples", "calib_seq_len"):
@@ -158,7 +174,8 @@ def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_da
                        group_size_explicit=group_size is not None,
                        calib_source=source, calib_sha256=hashlib.sha256(text.encode()).hexdigest(),
                        calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples,
-                       outlier_channels=DEFAULT_OUTLIER_CHANNELS if outlier_channels is None else outlier_channels)
+                       outlier_channels=(DEFAULT_OUTLIER_CHANNELS.get(algo, 0) if outlier_channels is None
+                                         else outlier_channels))
 
 
 def _min_sm(q: QuantConfig, flavour: Flavour) -> tuple[int, str] | None:
@@ -212,10 +229,10 @@ def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
     to the largest power of two that divides them all (e.g. 64 for hidden size 576); a group size
     the user named is never changed."""
     feats = _in_features(spec)
-    if q.algo == "fp8" and q.outlier_channels >= min(feats.values()) // 2:
+    if q.outlier_channels >= min(feats.values()) // 2:
         name, val = min(feats.items(), key=lambda kv: kv[1])
         raise TrtcError(f"--outlier-channels {q.outlier_channels} is too many for the {name} {val} of this "
-                        f"model: keep it well under half of it (default {DEFAULT_OUTLIER_CHANNELS}, 0 for none)")
+                        f"model: keep it well under half of it (default {DEFAULT_OUTLIER_CHANNELS[q.algo]}, 0 for none)")
     if not q.algo.startswith("int4"):
         return q
     bad = {k: v for k, v in feats.items() if v % q.group_size}
@@ -518,7 +535,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         before.setdefault(id(node), []).extend(nodes)
 
     awq_log = []
-    outliers_log = []        # fp8: per activation, full amax / amax of the channels left in FP8
+    outliers_log = []        # per activation: amax / amax of the channels left in the GEMM
     grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
     for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
@@ -534,25 +551,28 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_awq_inv_scale", (1.0 / s).astype(np_f))],
                                               [x_in], name=f"{x_name}_awq_mul"))
             ws = [w * s[:, None] for w in ws]
-        elif q.algo == "fp8":
+        if q.outlier_channels:
+            # Outlier decomposition (LLM.int8()-style): the input channels with the largest
+            # calibration amax (of the activation the MatMul sees) bypass the low-precision GEMM:
+            # their weight rows are stored as exact zeros there and multiplied, in the model dtype,
+            # by those channels in a small [.., n] @ [n, N] MatMul added to the GEMM's output.
+            cam = st.camax if s is None else st.camax / s
+            out_idx = np.sort(np.argsort(cam)[-q.outlier_channels:])
+            keep = np.setdiff1d(np.arange(len(cam)), out_idx)
+            x_out = f"{x_name}_outliers"
+            insert(nodes[0], helper.make_node("Gather", [x_in, const(f"{x_name}_outlier_idx", out_idx.astype(np.int64))],
+                                              [x_out], name=f"{x_name}_outlier_gather", axis=-1))
+            outliers_log.append(float(cam.max() / max(cam[keep].max(), 1e-8)))
+            st = st.channels(keep)
+            s = None if s is None else s[keep]
+        if q.algo == "fp8":
             x_q = x_name
-            if q.outlier_channels:
-                # Outlier decomposition (LLM.int8()-style): the input channels with the largest
-                # calibration amax bypass FP8 - zeroed before the quantizer, multiplied by their
-                # float weight rows in a small [.., n] @ [n, N] MatMul added to the FP8 GEMM.
-                out_idx = np.sort(np.argsort(st.camax)[-q.outlier_channels:])
-                keep = np.setdiff1d(np.arange(len(st.camax)), out_idx)
-                mask = np.ones(len(st.camax), np_f)
+            if out_idx is not None:    # the activation quantizer must not see the outliers (its scale)
+                mask = np.ones(len(keep) + len(out_idx), np_f)
                 mask[out_idx] = 0
                 x_q = f"{x_name}_fp8_inliers"
-                x_out = f"{x_name}_outliers"
-                insert(nodes[0],
-                       helper.make_node("Mul", [x_name, const(f"{x_name}_inlier_mask", mask)], [x_q],
-                                        name=f"{x_name}_inlier_mul"),
-                       helper.make_node("Gather", [x_name, const(f"{x_name}_outlier_idx", out_idx.astype(np.int64))],
-                                        [x_out], name=f"{x_name}_outlier_gather", axis=-1))
-                st = st.channels(keep)
-                outliers_log.append(float(np.max(stats[x_name].camax) / max(st.amax, 1e-8)))
+                insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_inlier_mask", mask)], [x_q],
+                                                  name=f"{x_name}_inlier_mul"))
             sa = np.array(max(st.amax, 1e-8) / FP8_MAX, dtype=np_f)
             sc = const(f"{x_name}_fp8_scale", sa)
             zp = f"{x_name}_fp8_zp"
@@ -567,7 +587,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             base = f"{wname}_{q.algo}"
             extra = []
             if grid is not None:
-                if out_idx is not None:        # fp8 outlier rows: float MatMul, zero rows in FP8
+                if out_idx is not None:        # outlier rows: float MatMul, exact zero rows in the GEMM
                     qk, sc, lo = quantize_weight(w[keep], q.algo, grid, st, s)
                     qv = np.zeros_like(w)
                     qv[keep] = qk
@@ -673,12 +693,14 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         if q.outlier_channels:
             report["activations"] += (
                 f"; per linear, the {q.outlier_channels} input channels with the largest calibration amax "
-                "stay in the model dtype (a small MatMul with their float weight rows, added to the FP8 GEMM)")
-            report["outlier_channels"] = {
-                "per_linear": q.outlier_channels,
-                "why": "FP8 e4m3 keeps 3 mantissa bits: rounding the few large-magnitude activation channels "
-                       "costs more accuracy than all the others (bench/RESULTS-quant.md)",
-                "amax_ratio_mean": round(float(np.mean(outliers_log)), 2) if outliers_log else None}
+                "skip the quantizer (zeroed before it)")
+    if q.outlier_channels and q.algo != "none":
+        report["outlier_channels"] = {
+            "per_linear": q.outlier_channels,
+            "what": "per linear, the input channels with the largest calibration amax: their weight rows are "
+                    "exact zeros in the quantized weight and kept in the model dtype in a small extra MatMul",
+            "why": OUTLIER_WHY[RECIPES[q.algo].grid],
+            "amax_ratio_mean": round(float(np.mean(outliers_log)), 2) if outliers_log else None}
     elif q.algo == "nvfp4":
         report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"
         report["activations"] = "model dtype (weight-only: dynamic FP4 activation quantization has no standard ONNX op)"

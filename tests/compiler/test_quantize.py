@@ -34,6 +34,13 @@ def test_config_validates_and_fingerprints():
     # the fingerprint covers what changes the graph: group size for int4, not for int8_wo
     assert make_quant_config("int4_awq", group_size=64).fingerprint() != a.fingerprint()
     assert make_quant_config("int8_wo", group_size=64).fingerprint() == make_quant_config("int8_wo").fingerprint()
+    # outlier channels: a per-mode default, only for grids with an exact zero, part of the fingerprint
+    assert make_quant_config("fp8").outlier_channels == 16 and make_quant_config("int4_awq").outlier_channels == 0
+    assert make_quant_config("fp8", outlier_channels=0).fingerprint() != make_quant_config("fp8").fingerprint()
+    with pytest.raises(TrtcError, match="--outlier-channels applies to --quant fp8, int8_wo, int8_awq, not int4_awq"):
+        make_quant_config("int4_awq", outlier_channels=8)
+    with pytest.raises(TrtcError, match="--outlier-channels -1 must be 0"):
+        make_quant_config("fp8", outlier_channels=-1)
 
 
 def test_calibration_file_errors(tmp_path):
@@ -206,6 +213,7 @@ def _logits(engine: Path) -> np.ndarray:
 # mode -> (quant kwargs, target, stored weight type, max relative logit error vs the float graph)
 MODES = {
     "int8_wo": ({"algo": "int8_wo"}, "sm_89", "INT8", 0.05),
+    "int8_awq": ({"algo": "int8_awq"}, "sm_89", "INT8", 0.05),
     "int4_awq": ({"algo": "int4_awq"}, "sm_89", "INT4", 1.0),   # random weights: no outliers to protect
     "fp8": ({"algo": "fp8"}, "sm_89", "FLOAT8E4M3FN", 0.3),
     "kv_int8": ({"kv_cache_dtype": "int8"}, "sm_89", None, 0.05),
