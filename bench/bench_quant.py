@@ -28,6 +28,7 @@ TRTC = [sys.executable, "-m", "trtc.cli"]
 MODES = {  # name -> (build flags, target)
     "none": ([], "sm_89"),
     "int8_wo": (["--quant", "int8_wo"], "sm_89"),
+    "int8_wo_no_outliers": (["--quant", "int8_wo", "--outlier-channels", "0"], "sm_89"),
     "int8_awq": (["--quant", "int8_awq"], "sm_89"),
     "fp8": (["--quant", "fp8"], "sm_89"),
     "fp8_no_outliers": (["--quant", "fp8", "--outlier-channels", "0"], "sm_89"),
