@@ -30,6 +30,7 @@ MODES = {  # name -> (build flags, target)
     "int8_wo": (["--quant", "int8_wo"], "sm_89"),
     "int8_wo_no_outliers": (["--quant", "int8_wo", "--outlier-channels", "0"], "sm_89"),
     "int8_awq": (["--quant", "int8_awq"], "sm_89"),
+    "int8_awq_outliers16": (["--quant", "int8_awq", "--outlier-channels", "16"], "sm_89"),
     "fp8": (["--quant", "fp8"], "sm_89"),
     "fp8_no_outliers": (["--quant", "fp8", "--outlier-channels", "0"], "sm_89"),
     "int4_rtn": (["--quant", "int4_rtn"], "sm_89"),

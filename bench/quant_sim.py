@@ -139,14 +139,14 @@ def windows(tok, path, W, n=None):
 
 @torch.no_grad()
 def logits_of(m, wins):
-    return [m(torch.tensor([w])).logits[0].double() for w in wins]
+    return [m(torch.tensor([w])).logits[0].float() for w in wins]
 
 
 def score(ref, got, wins):
     nll, agree, tot = 0.0, 0, 0
     for r, g, w in zip(ref, got, wins):
         t = torch.tensor(w[1:])
-        lp = torch.log_softmax(g[:-1], -1)
+        lp = torch.log_softmax(g[:-1].double(), -1)
         nll += float(-lp[torch.arange(len(t)), t].sum())
         agree += int((r[:-1].argmax(-1) == g[:-1].argmax(-1)).sum())
         tot += len(t)

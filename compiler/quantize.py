@@ -81,7 +81,9 @@ FP4_MAX = 6.0
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
 # Per mode, the input channels per linear whose weight rows stay in the model dtype (outlier
 # decomposition, see the fp8 mode above); only modes whose grid stores an exact zero can take it.
-DEFAULT_OUTLIER_CHANNELS = {"fp8": 16, "int8_wo": 16, "int8_awq": 16}
+# int8_awq: 0 - AWQ's scaling already protects the salient channels (SmolLM2: 98.82% top-1 without,
+# 98.77% with 16; bench/RESULTS-quant.md).
+DEFAULT_OUTLIER_CHANNELS = {"fp8": 16, "int8_wo": 16, "int8_awq": 0}
 OUTLIER_WHY = {
     "fp8": "FP8 e4m3 keeps 3 mantissa bits whatever the scale: rounding the few large-magnitude activation "
            "channels costs more accuracy than all the others (bench/RESULTS-quant.md)",
