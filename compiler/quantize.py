@@ -227,9 +227,9 @@ def _in_features(spec: ModelSpec) -> dict[str, int]:
 
 
 def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
-    """Check the group size against every linear layer's input size. The default (128) falls back
-    to the largest power of two that divides them all (e.g. 64 for hidden size 576); a group size
-    the user named is never changed."""
+    """Check --outlier-channels and the group size against every linear layer's input size. The
+    default group size (128) falls back to the largest power of two that divides them all (e.g. 64
+    for hidden size 576); a group size the user named is never changed."""
     feats = _in_features(spec)
     if q.outlier_channels >= min(feats.values()) // 2:
         name, val = min(feats.items(), key=lambda kv: kv[1])
@@ -297,16 +297,19 @@ def _find_targets(model) -> _Targets:
 
 @dataclass
 class _ActStats:
-    amax: float = 0.0
     abs_sum: np.ndarray | None = None     # [K] sum of |x| over tokens
     count: int = 0
     rows: list = dataclasses.field(default_factory=list)   # sampled [r, K] float32 blocks
     xtx: np.ndarray | None = None          # [K, K] sum of x^T x (GPTQ's Hessian, up to 2/n)
     camax: np.ndarray | None = None        # [K] max |x| per input channel
 
+    @property
+    def amax(self) -> float:
+        return 0.0 if self.camax is None else float(self.camax.max())
+
     def channels(self, keep: np.ndarray) -> "_ActStats":
         """These statistics restricted to the input channels `keep`."""
-        return _ActStats(amax=float(self.camax[keep].max()), abs_sum=self.abs_sum[keep], count=self.count,
+        return _ActStats(abs_sum=self.abs_sum[keep], count=self.count,
                          rows=[r[:, keep] for r in self.rows],
                          xtx=None if self.xtx is None else self.xtx[np.ix_(keep, keep)],
                          camax=self.camax[keep])
@@ -323,7 +326,6 @@ class _ActStats:
         ax = np.abs(x)
         c = ax.max(0)
         self.camax = c if self.camax is None else np.maximum(self.camax, c)
-        self.amax = float(self.camax.max())
         s = ax.sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
@@ -570,7 +572,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         if q.algo == "fp8":
             x_q = x_name
             if out_idx is not None:    # the activation quantizer must not see the outliers (its scale)
-                mask = np.ones(len(keep) + len(out_idx), np_f)
+                mask = np.ones(len(cam), np_f)
                 mask[out_idx] = 0
                 x_q = f"{x_name}_fp8_inliers"
                 insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_inlier_mask", mask)], [x_q],
@@ -696,16 +698,16 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             report["activations"] += (
                 f"; per linear, the {q.outlier_channels} input channels with the largest calibration amax "
                 "skip the quantizer (zeroed before it)")
-    if q.outlier_channels and q.algo != "none":
+    elif q.algo == "nvfp4":
+        report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"
+        report["activations"] = "model dtype (weight-only: dynamic FP4 activation quantization has no standard ONNX op)"
+    if q.outlier_channels:
         report["outlier_channels"] = {
             "per_linear": q.outlier_channels,
             "what": "per linear, the input channels with the largest calibration amax: their weight rows are "
                     "exact zeros in the quantized weight and kept in the model dtype in a small extra MatMul",
             "why": OUTLIER_WHY[RECIPES[q.algo].grid],
             "amax_ratio_mean": round(float(np.mean(outliers_log)), 2) if outliers_log else None}
-    elif q.algo == "nvfp4":
-        report["weights"] = "fp4 e2m1, blocks of 16 with fp8 e4m3 scales and an fp32 global scale"
-        report["activations"] = "model dtype (weight-only: dynamic FP4 activation quantization has no standard ONNX op)"
     if awq_log:
         alphas = [a for a, _ in awq_log]
         ratios = [r for _, r in awq_log]
