@@ -37,6 +37,24 @@ def fq_mantissa(x, bits):
     return torch.ldexp(torch.round(m * 2 ** (bits + 1)) / 2 ** (bits + 1), e)
 
 
+MEMO = Path("/tmp/quant_sim_memo")
+
+
+def memo_simulate(recipe, w, st):
+    """simulate(), with weight-only results kept on disk (/tmp/quant_sim_memo) so that variants
+    built on an expensive base recipe (AWQ/GPTQ) do not redo it."""
+    import hashlib
+    key = hashlib.sha256(recipe.encode() + w.tobytes() + st["H"].tobytes()).hexdigest()[:20]
+    f = MEMO / f"{key}.npy"
+    if f.exists():
+        return np.load(f), None
+    wq, act = simulate(recipe, w, st)
+    if act is None:
+        MEMO.mkdir(exist_ok=True)
+        np.save(f, wq)
+    return wq, act
+
+
 def simulate(recipe, w, st):
     """recipe -> (dequantized weight [K, N] as the MatMul sees it, activation fake-quant or None)."""
     parts = recipe.split("_")
@@ -51,6 +69,11 @@ def simulate(recipe, w, st):
         grid = qa.Grid("int", -8, 7, g)
     elif kind == "int4a":
         grid = qa.Grid("int", 0, 15, g)
+    nlr = next((int(o[2:]) for o in opts if o.startswith("lr") and o[2:].isdigit()), 0)
+    if nlr:    # activation-aware low-rank float correction of the weight error (x @ A) @ B
+        wq, act = memo_simulate("_".join(p for p in parts if p != f"lr{nlr}"), w, st)
+        A, B = qa.low_rank(w - wq, st["H"], nlr)
+        return wq + A @ B, act
     nout = next((int(o[1:]) for o in opts if o.startswith("o") and o[1:].isdigit()), 0)
     if nout:   # outlier input channels (largest calibration amax) kept in float, the rest quantized
         out_idx = np.argsort(st["camax"])[-nout:]
@@ -311,7 +334,7 @@ def main():
                     st_seq = calibrate(m, cal, set(names), m.model.layers[layer])
                 cache[(r, n)] = simulate(r.replace("_seq", ""), w, st_seq[n])
             if (r, n) not in cache:
-                cache[(r, n)] = simulate(r, w, st[n])
+                cache[(r, n)] = memo_simulate(r, w, st[n])
             wq, act = cache[(r, n)]
             mod.weight.data = torch.from_numpy(np.ascontiguousarray(wq.T))
             if act is not None:

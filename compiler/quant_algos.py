@@ -10,6 +10,9 @@ and the rounding:
   awq    activation-aware per-input-channel scaling before rounding (Lin et al., AWQ, 2023):
          see `awq_scales`; with `clip_search` the group maxima are shrunk where that lowers the
          layer's output error on calibration rows (AWQ's auto-clip).
+  low_rank  a rank-r float correction (x @ A) @ B of the rounding error, the best rank-r one for
+         the layer's calibration inputs: SVD of the error in the metric of E[x^T x] (EoRA, Liu et
+         al. 2024; ZeroQuant-V2's LoRC without the activation weighting).
 """
 
 from __future__ import annotations
@@ -170,3 +173,16 @@ def awq_scales(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], q
         if loss < best[2]:
             best = (s.astype(np.float32), float(alpha), loss)
     return best[0], best[1], best[2] / max(base_loss, 1e-30)
+
+
+def low_rank(e: np.ndarray, H: np.ndarray, r: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Factors A [K, r], B [r, N] of the rank-r C minimising E_x ||x (e - C)||^2 = tr((e - C)^T H
+    (e - C)) for a weight error e [K, N] and input Hessian H = E[x^T x]: with H = V diag(l) V^T,
+    C = H^-1/2 trunc_r(H^1/2 e). The eigenvalues get GPTQ's damping (a fraction of their mean) so
+    that directions the calibration never excited still get a bounded correction."""
+    lam, V = np.linalg.eigh(H.astype(np.float64))
+    lam = np.maximum(lam, 0.0) + damp * max(float(np.mean(lam)), 1e-30)
+    U, S, Vt = np.linalg.svd((V * np.sqrt(lam)) @ (V.T @ e.astype(np.float64)), full_matrices=False)
+    root = np.sqrt(S[:r])          # split evenly, so neither factor's values are extreme in fp16
+    A = (V / np.sqrt(lam)) @ (V.T @ (U[:, :r] * root))
+    return A.astype(np.float32), (root[:, None] * Vt[:r]).astype(np.float32)

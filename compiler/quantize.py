@@ -91,6 +91,13 @@ OUTLIER_WHY = {
             "on the output (AWQ's salient channels; bench/RESULTS-quant.md)",
 }
 
+# Per mode, the rank of the float correction (x @ A) @ B added to each quantized linear: the best
+# rank-r approximation of the rounding error for the calibration activations (quant_algos.low_rank).
+DEFAULT_LOW_RANK: dict[str, int] = {}
+LOW_RANK_WHY = ("the rounding error of a quantized weight is not white in the metric of the layer's "
+                "inputs: a few directions of the activations carry most of its effect on the output, and "
+                "a rank-r float correction removes exactly those (bench/RESULTS-quant.md)")
+
 EXCLUDED = {
     "lm_head": "kept in the model dtype: the logits' precision decides the next token, and the "
                "layer is tied to the token embedding in many models",
@@ -109,6 +116,7 @@ class QuantConfig:
     calib_seq_len: int = 128
     group_size_explicit: bool = False  # the user named --group-size: never adjust it
     outlier_channels: int = 0          # per linear, input channels kept in the model dtype
+    low_rank: int = 0                  # per linear, rank of the float correction of the rounding error
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -122,6 +130,10 @@ class QuantConfig:
             raise TrtcError(f"--calib-samples {self.calib_samples} must be at least 1")
         if self.outlier_channels < 0:
             raise TrtcError(f"--outlier-channels {self.outlier_channels} must be 0 (none) or more")
+        if self.low_rank < 0:
+            raise TrtcError(f"--low-rank {self.low_rank} must be 0 (none) or more")
+        if self.low_rank and self.algo not in RECIPES:
+            raise TrtcError(f"--low-rank applies to --quant {', '.join(RECIPES)}, not {self.algo}: drop it")
         if self.outlier_channels and self.algo not in DEFAULT_OUTLIER_CHANNELS:
             raise TrtcError(f"--outlier-channels applies to --quant {', '.join(DEFAULT_OUTLIER_CHANNELS)}, "
                             f"not {self.algo}: drop it")
@@ -132,7 +144,8 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algo in RECIPES and RECIPES[self.algo].calibrated) or self.kv_cache_dtype != "auto"
+        return ((self.algo in RECIPES and (RECIPES[self.algo].calibrated or self.low_rank > 0))
+                or self.kv_cache_dtype != "auto")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -141,6 +154,8 @@ class QuantConfig:
             d.pop("group_size")
         if self.algo not in DEFAULT_OUTLIER_CHANNELS:
             d.pop("outlier_channels")
+        if self.algo not in RECIPES:
+            d.pop("low_rank")
         if not self.needs_calibration:
             for k in ("calib_source", "calib_sha256", "calib_samples", "calib_seq_len"):
                 d.pop(k)
@@ -155,7 +170,7 @@ class QuantConfig:
 
 def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_data: str | None = None,
                       calib_samples: int | None = None, group_size: int | None = None,
-                      outlier_channels: int | None = None) -> QuantConfig:
+                      outlier_channels: int | None = None, low_rank: int | None = None) -> QuantConfig:
     """Validate the CLI options and hash the calibration text (the bundled one by default)."""
     if calib_data is not None:
         p = Path(calib_data).expanduser()
@@ -177,7 +192,8 @@ def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_da
                        calib_source=source, calib_sha256=hashlib.sha256(text.encode()).hexdigest(),
                        calib_samples=DEFAULT_CALIB_SAMPLES if calib_samples is None else calib_samples,
                        outlier_channels=(DEFAULT_OUTLIER_CHANNELS.get(algo, 0) if outlier_channels is None
-                                         else outlier_channels))
+                                         else outlier_channels),
+                       low_rank=DEFAULT_LOW_RANK.get(algo, 0) if low_rank is None else low_rank)
 
 
 def _min_sm(q: QuantConfig, flavour: Flavour) -> tuple[int, str] | None:
@@ -235,6 +251,10 @@ def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
         name, val = min(feats.items(), key=lambda kv: kv[1])
         raise TrtcError(f"--outlier-channels {q.outlier_channels} is too many for the {name} {val} of this "
                         f"model: keep it well under half of it (default {DEFAULT_OUTLIER_CHANNELS[q.algo]}, 0 for none)")
+    if q.low_rank >= min(feats.values()) // 4:
+        name, val = min(feats.items(), key=lambda kv: kv[1])
+        raise TrtcError(f"--low-rank {q.low_rank} is too large for the {name} {val} of this model: keep it "
+                        f"well under a quarter of it (default {DEFAULT_LOW_RANK.get(q.algo, 0)}, 0 for none)")
     if not q.algo.startswith("int4"):
         return q
     bad = {k: v for k, v in feats.items() if v % q.group_size}
@@ -447,6 +467,13 @@ def quantize_weight(w: np.ndarray, algo: str, grid: qa.Grid, st: _ActStats | Non
     return qa.rtn(w, grid, clip)
 
 
+def _error_ratio(e: np.ndarray, c: np.ndarray, H: np.ndarray) -> float:
+    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c."""
+    def energy(d):
+        return float(np.einsum("kn,kn->", d, H @ d))
+    return float(np.sqrt(energy(e - c) / max(energy(e), 1e-30)))
+
+
 def qdq(algo: str, group_size: int):
     """[K, N] -> the weight as the graph will see it after round-to-nearest (for searches)."""
     grid = grid_of(algo, group_size)
@@ -502,11 +529,11 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         names = []
         rows, hess = set(), set()
         r = RECIPES.get(q.algo)
-        if r is not None and r.calibrated:
+        if r is not None and (r.calibrated or q.low_rank):
             names += list(tg.groups)
             if r.awq or r.clip:
                 rows = set(tg.groups)
-            if r.gptq:
+            if r.gptq or q.low_rank:
                 hess = set(tg.groups)
         if q.kv_cache_dtype != "auto":
             names += kv_inputs
@@ -540,6 +567,7 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
 
     awq_log = []
     outliers_log = []        # per activation: amax / amax of the channels left in the GEMM
+    lr_log = []              # per linear: output error with / without the low-rank correction
     grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
     for x_name, nodes in (tg.groups.items() if q.algo != "none" else []):
         ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
@@ -555,6 +583,9 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
             insert(nodes[0], helper.make_node("Mul", [x_name, const(f"{x_name}_awq_inv_scale", (1.0 / s).astype(np_f))],
                                               [x_in], name=f"{x_name}_awq_mul"))
             ws = [w * s[:, None] for w in ws]
+        x_lr, H_lr = x_in, None         # low-rank correction: float input (after AWQ) and its Hessian
+        if q.low_rank:
+            H_lr = st.hessian if s is None else st.hessian / np.outer(s, s)
         if q.outlier_channels:
             # Outlier decomposition (LLM.int8()-style): the input channels with the largest
             # calibration amax (of the activation the MatMul sees) bypass the low-precision GEMM:
@@ -589,19 +620,29 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
         for n, w in zip(nodes, ws):
             wname = n.input[1]
             base = f"{wname}_{q.algo}"
-            extra = []
+            extra = []       # nodes after the MatMul computing terms added to its output
+            addends = []     # (their output names)
             if grid is not None:
                 if out_idx is not None:        # outlier rows: float MatMul, exact zero rows in the GEMM
                     qk, sc, lo = quantize_weight(w[keep], q.algo, grid, st, s)
                     qv = np.zeros_like(w)
                     qv[keep] = qk
-                    main = f"{n.output[0]}_{q.algo}_main"
-                    extra = [helper.make_node("MatMul", [x_out, const(base + "_outlier_rows", w[out_idx].astype(np_f))],
-                                              [f"{base}_outl"], name=f"{base}_outlier_mm"),
-                             helper.make_node("Add", [main, f"{base}_outl"], [n.output[0]], name=f"{base}_outlier_add")]
-                    n.output[0] = main
+                    extra.append(helper.make_node("MatMul", [x_out, const(base + "_outlier_rows", w[out_idx].astype(np_f))],
+                                                  [f"{base}_outl"], name=f"{base}_outlier_mm"))
+                    addends.append(f"{base}_outl")
+                    eff = w.copy()             # the weight the graph applies, as float
+                    eff[keep] = qa.dequantize(qk, grid, sc, lo)
                 else:
                     qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
+                    eff = qa.dequantize(qv, grid, sc, lo)
+                if q.low_rank:
+                    a, b = qa.low_rank(w - eff, H_lr, q.low_rank)
+                    lr_log.append(_error_ratio(w - eff, a @ b, H_lr))
+                    extra += [helper.make_node("MatMul", [x_lr, const(base + "_lowrank_a", a.astype(np_f))],
+                                               [f"{base}_lr_a"], name=f"{base}_lowrank_a_mm"),
+                              helper.make_node("MatMul", [f"{base}_lr_a", const(base + "_lowrank_b", b.astype(np_f))],
+                                               [f"{base}_lr"], name=f"{base}_lowrank_b_mm")]
+                    addends.append(f"{base}_lr")
                 if grid.kind == "fp8":
                     qt = numpy_helper.from_array(qv.astype(ml_dtypes.float8_e4m3fn), base + "_q")
                 elif grid.group == 0:
@@ -623,11 +664,9 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                         insert(nodes[0], helper.make_node("MatMul", [x_in, const(f"{x_in}_group_ind", ind)],
                                                           [group_sum], name=f"{x_in}_groupsum"))
                     off = (lo + 8.0 * sc).astype(np_f)
-                    main = f"{n.output[0]}_{q.algo}_main"
-                    extra = [helper.make_node("MatMul", [group_sum, const(base + "_offset", off)],
-                                              [f"{base}_off"], name=f"{base}_offset_mm"),
-                             helper.make_node("Add", [main, f"{base}_off"], [n.output[0]], name=f"{base}_offset_add")]
-                    n.output[0] = main
+                    extra.append(helper.make_node("MatMul", [group_sum, const(base + "_offset", off)],
+                                                  [f"{base}_off"], name=f"{base}_offset_mm"))
+                    addends.append(f"{base}_off")
             elif q.algo == "nvfp4":
                 qv, s8, gs = quant_nvfp4(w)
                 qt = numpy_helper.from_array(qv, base + "_q")
@@ -639,6 +678,13 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                                         name=base + "_dq", axis=0, block_size=NVFP4_BLOCK)]
             else:
                 raise TrtcInternalError(f"quantize: no weight rule for {q.algo}")
+            if addends:      # y = (x @ W_q) + each term, the last Add writing the MatMul's old output
+                acc, out_name = f"{n.output[0]}_{q.algo}_main", n.output[0]
+                n.output[0] = acc
+                for i, t in enumerate(addends):
+                    nxt = out_name if i == len(addends) - 1 else f"{out_name}_{q.algo}_acc{i}"
+                    extra.append(helper.make_node("Add", [acc, t], [nxt], name=f"{t}_add"))
+                    acc = nxt
             new_inits.append(qt)
             insert(n, *deq)
             after.setdefault(id(n), []).extend(extra)
@@ -708,6 +754,17 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                     "exact zeros in the quantized weight and kept in the model dtype in a small extra MatMul",
             "why": OUTLIER_WHY[RECIPES[q.algo].grid],
             "amax_ratio_mean": round(float(np.mean(outliers_log)), 2) if outliers_log else None}
+    if q.low_rank:
+        report["low_rank"] = {
+            "rank": q.low_rank,
+            "what": "per linear, a float correction (x @ A) @ B, A [K, r], B [r, N] in the model dtype, added to "
+                    "the quantized MatMul: the best rank-r approximation of its rounding error for the "
+                    "calibration activations (SVD in the metric of E[x^T x])",
+            "why": LOW_RANK_WHY,
+            "calib_error_ratio_mean": round(float(np.mean(lr_log)), 4) if lr_log else None}
+        if lr_log:
+            info(f"[trtc]   low rank {q.low_rank}: calibration output error x{np.mean(lr_log):.3f} of the "
+                 f"rounding error alone (mean over {len(lr_log)} linears)")
     if awq_log:
         alphas = [a for a, _ in awq_log]
         ratios = [r for _, r in awq_log]

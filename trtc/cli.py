@@ -66,6 +66,9 @@ def _quant_options(f):
         click.option("--outlier-channels", type=int, default=None,
                      help="fp8: per linear, input channels with the largest calibration amax kept in the model "
                           "dtype (a small extra MatMul); 0 puts every channel in FP8 [default: 16]."),
+        click.option("--low-rank", type=int, default=None, metavar="R",
+                     help="Per quantized linear, a rank-R float correction (x @ A) @ B of its rounding error, "
+                          "fitted to the calibration activations; 0 for none [default: per mode, see README]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -82,10 +85,11 @@ def _attention_options(f):
                              "TensorRT only) [default: native, or the export dir's].")(f)
 
 
-def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels):
+def _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank):
     from trtc.compiler.quantize import make_quant_config
 
-    return make_quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
+    return make_quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels,
+                             low_rank)
 
 
 def _print_times(times) -> None:
@@ -114,13 +118,13 @@ def _print_times(times) -> None:
 @_attention_options
 def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after,
           attention, kv_block_size,
-          quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels):
+          quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank):
     """Build a TensorRT engine dir from a model."""
     from trtc.compiler.backend import parse_targets, resolve_flavour
     from trtc.compiler.pipeline import build_model, default_output
     from trtc.compiler.quantize import check_targets, default_targets
 
-    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank)
     fl = resolve_flavour(flavour)
     targets = parse_targets(target, fl) if target else default_targets(qcfg, fl)
     check_targets(qcfg, fl, targets)
@@ -142,11 +146,11 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
 @_quant_options
 @_attention_options
 def export(model, output, dtype, max_seq_len, dump_after, attention, kv_block_size, quant, kv_cache_dtype, calib_data,
-           calib_samples, group_size, outlier_channels):
+           calib_samples, group_size, outlier_channels, low_rank):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model
 
-    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels)
+    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank)
     path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after),
                                quant=qcfg, attention=attention,
                                kv_block_size=int(kv_block_size) if kv_block_size else None)

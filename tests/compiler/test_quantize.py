@@ -41,6 +41,14 @@ def test_config_validates_and_fingerprints():
         make_quant_config("int4_awq", outlier_channels=8)
     with pytest.raises(TrtcError, match="--outlier-channels -1 must be 0"):
         make_quant_config("fp8", outlier_channels=-1)
+    # low-rank correction: any mode with a weight grid; it makes int4_rtn calibrate (x^T x)
+    assert make_quant_config("int4_rtn", low_rank=4).fingerprint() != make_quant_config("int4_rtn").fingerprint()
+    assert make_quant_config("int4_rtn", low_rank=4).needs_calibration
+    assert "low_rank" not in make_quant_config("nvfp4").to_dict()
+    with pytest.raises(TrtcError, match="--low-rank applies to --quant .*int4_awq.*, not nvfp4"):
+        make_quant_config("nvfp4", low_rank=8)
+    with pytest.raises(TrtcError, match="--low-rank -2 must be 0"):
+        make_quant_config("int4_awq", low_rank=-2)
 
 
 def test_calibration_file_errors(tmp_path):
@@ -141,6 +149,31 @@ def test_gptq_lowers_output_error_vs_rtn(algo):
     q, s, lo = qa.rtn(w, grid)
     err_rtn = np.linalg.norm(held @ (qa.dequantize(q, grid, s, lo) - w))
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+
+
+def test_low_rank_correction_is_the_best_rank_r_fix_for_the_inputs():
+    """quant_algos.low_rank: on held-out correlated inputs the rank-r correction of a GPTQ int4
+    weight's error lowers the output error, more with more rank, exactly to zero at full rank; on
+    the calibration inputs it is no worse than the plain (activation-blind) SVD of the error."""
+    rng = np.random.default_rng(5)
+    x = _correlated(rng, 4096, 128)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    grid = grid_of("int4_awq", 32)
+    H = x[:2048].T @ x[:2048] / 2048
+    q, s, lo = qa.gptq(w, H, grid)
+    e = w - qa.dequantize(q, grid, s, lo)
+    held = x[2048:]
+    errs = []
+    for r in (0, 4, 16, 64):
+        a, b = qa.low_rank(e, H, r) if r else (np.zeros((128, 0)), np.zeros((0, 64)))
+        assert a.shape == (128, r) and b.shape == (r, 64)
+        errs.append(np.linalg.norm(held @ (e - a @ b)) / np.linalg.norm(held @ e))
+    assert abs(errs[0] - 1) < 1e-6 and errs[0] > errs[1] > errs[2] and errs[3] < 1e-3, errs
+    # optimal for the calibration inputs: no worse there than the activation-blind SVD of e
+    cal = x[:2048]
+    a, b = qa.low_rank(e, H, 4, damp=0.0)
+    u, sv, vt = np.linalg.svd(e, full_matrices=False)
+    assert np.linalg.norm(cal @ (e - a @ b)) <= np.linalg.norm(cal @ (e - (u[:, :4] * sv[:4]) @ vt[:4]))
 
 
 def test_awq_never_worse_than_rtn_on_its_data():
@@ -297,6 +330,32 @@ def test_fp8_outlier_channels(tiny_model, tmp_path):
     assert errs[4] < 0.7 * errs[0], errs
 
 
+def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
+    """--low-rank on int4_rtn: each quantized linear gets float factors A [K, r], B [r, N] in a
+    (x @ A) @ B branch added to its output; the logit error against the float graph drops."""
+    import onnx
+    from onnx import numpy_helper
+
+    errs = {}
+    for r in (0, 8):
+        eng = _build(tiny_export, tmp_path / f"int4-lr{r}", "sm_89", algo="int4_rtn", group_size=32, low_rank=r)
+        errs[r] = np.linalg.norm(_logits(eng) - float_logits) / np.linalg.norm(float_logits)
+        qrec = json.loads((eng / "config.json").read_text())["quantization"]
+        assert qrec["config"]["low_rank"] == r
+        g = onnx.load(str(eng / "rank0.onnx"))
+        fac = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer if "_lowrank_" in t.name}
+        if r == 0:
+            assert not fac and "low_rank" not in qrec and "calibration" not in qrec
+            continue
+        assert "calibration" in qrec and 0 < qrec["low_rank"]["calib_error_ratio_mean"] < 1
+        a = {k: v for k, v in fac.items() if k.endswith("_lowrank_a")}
+        b = {k: v for k, v in fac.items() if k.endswith("_lowrank_b")}
+        assert len(a) == len(b) == 14 and all(v.shape[1] == 8 for v in a.values()) and all(v.shape[0] == 8 for v in b.values())
+        adds = [n for n in g.graph.node if n.op_type == "Add" and n.name.endswith("_lr_add")]
+        assert len(adds) == 14
+    assert errs[8] < 0.9 * errs[0], errs
+
+
 def test_nvfp4_builds_for_sm120(tiny_export, tmp_path):
     """FP4 weights build with TensorRT-RTX for sm_120; ONNX Runtime 1.32 has no FP4
     DequantizeLinear kernel, so this graph's numerics cannot be checked on the reference backend."""
@@ -348,5 +407,7 @@ def test_cli_bad_quant_input(tmp_path, tiny_model):
     assert_user_error(res, "--group-size 48 does not divide the hidden size 64")
     res = trtc("build", "--model", m, "--output", tmp_path / "o6", "--quant", "fp8", "--outlier-channels", "40")
     assert_user_error(res, "--outlier-channels 40 is too many for the hidden size 64")
+    res = trtc("build", "--model", m, "--output", tmp_path / "o7", "--quant", "int4_awq", "--low-rank", "16")
+    assert_user_error(res, "--low-rank 16 is too large for the hidden size 64")
     for name in ("o1", "o2", "o3", "o4", "o5", "o6"):
         assert_nothing_written(tmp_path, name)
