@@ -467,6 +467,12 @@ def quantize_weight(w: np.ndarray, algo: str, grid: qa.Grid, st: _ActStats | Non
     return qa.rtn(w, grid, clip)
 
 
+def _int8_columns(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per column: (values int8 [.., C], scales [C])."""
+    sc = np.maximum(np.abs(m).max(0), 1e-30) / INT8_MAX
+    return np.clip(np.round(m / sc), -INT8_MAX, INT8_MAX).astype(np.int8), sc.astype(np.float32)
+
+
 def _error_ratio(e: np.ndarray, c: np.ndarray, H: np.ndarray) -> float:
     """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c."""
     def energy(d):
@@ -635,13 +641,16 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
                 else:
                     qv, sc, lo = quantize_weight(w, q.algo, grid, st, s)
                     eff = qa.dequantize(qv, grid, sc, lo)
-                if q.low_rank:
-                    a, b = qa.low_rank(w - eff, H_lr, q.low_rank)
-                    lr_log.append(_error_ratio(w - eff, a @ b, H_lr))
-                    extra += [helper.make_node("MatMul", [x_lr, const(base + "_lowrank_a", a.astype(np_f))],
-                                               [f"{base}_lr_a"], name=f"{base}_lowrank_a_mm"),
-                              helper.make_node("MatMul", [f"{base}_lr_a", const(base + "_lowrank_b", b.astype(np_f))],
-                                               [f"{base}_lr"], name=f"{base}_lowrank_b_mm")]
+                if q.low_rank:     # factors stored as int8 with a scale per column (a DequantizeLinear each)
+                    fac = [_int8_columns(f) for f in qa.low_rank(w - eff, H_lr, q.low_rank)]
+                    (aq, asc), (bq, bsc) = fac
+                    lr_log.append(_error_ratio(w - eff, (aq * asc) @ (bq * bsc), H_lr))
+                    for t, (fq, fs), inp in (("a", fac[0], x_lr), ("b", fac[1], f"{base}_lr_a")):
+                        qname = const(f"{base}_lowrank_{t}", fq)
+                        extra += [helper.make_node("DequantizeLinear", [qname, const(f"{base}_lowrank_{t}_s", fs.astype(np_f))],
+                                                   [f"{qname}_w"], name=f"{qname}_dq", axis=1),
+                                  helper.make_node("MatMul", [inp, f"{qname}_w"], [f"{base}_lr_{t}" if t == "a" else f"{base}_lr"],
+                                                   name=f"{qname}_mm")]
                     addends.append(f"{base}_lr")
                 if grid.kind == "fp8":
                     qt = numpy_helper.from_array(qv.astype(ml_dtypes.float8_e4m3fn), base + "_q")
@@ -757,9 +766,9 @@ def quantize_rank_graph(src: Path, out: Path, spec: ModelSpec, q: QuantConfig, t
     if q.low_rank:
         report["low_rank"] = {
             "rank": q.low_rank,
-            "what": "per linear, a float correction (x @ A) @ B, A [K, r], B [r, N] in the model dtype, added to "
-                    "the quantized MatMul: the best rank-r approximation of its rounding error for the "
-                    "calibration activations (SVD in the metric of E[x^T x])",
+            "what": "per linear, a correction (x @ A) @ B, A [K, r], B [r, N] stored as int8 with a scale per "
+                    "column, added to the quantized MatMul: the best rank-r approximation of its rounding error "
+                    "for the calibration activations (SVD in the metric of E[x^T x])",
             "why": LOW_RANK_WHY,
             "calib_error_ratio_mean": round(float(np.mean(lr_log)), 4) if lr_log else None}
         if lr_log:

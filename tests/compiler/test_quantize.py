@@ -331,8 +331,8 @@ def test_fp8_outlier_channels(tiny_model, tmp_path):
 
 
 def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
-    """--low-rank on int4_rtn: each quantized linear gets float factors A [K, r], B [r, N] in a
-    (x @ A) @ B branch added to its output; the logit error against the float graph drops."""
+    """--low-rank on int4_rtn: each quantized linear gets int8 factors A [K, r], B [r, N] (scale per
+    column) in a (x @ A) @ B branch added to its output; the logit error against the float graph drops."""
     import onnx
     from onnx import numpy_helper
 
@@ -343,7 +343,8 @@ def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
         qrec = json.loads((eng / "config.json").read_text())["quantization"]
         assert qrec["config"]["low_rank"] == r
         g = onnx.load(str(eng / "rank0.onnx"))
-        fac = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer if "_lowrank_" in t.name}
+        fac = {t.name: numpy_helper.to_array(t) for t in g.graph.initializer
+               if t.name.endswith(("_lowrank_a", "_lowrank_b"))}
         if r == 0:
             assert not fac and "low_rank" not in qrec and "calibration" not in qrec
             continue
@@ -351,6 +352,7 @@ def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
         a = {k: v for k, v in fac.items() if k.endswith("_lowrank_a")}
         b = {k: v for k, v in fac.items() if k.endswith("_lowrank_b")}
         assert len(a) == len(b) == 14 and all(v.shape[1] == 8 for v in a.values()) and all(v.shape[0] == 8 for v in b.values())
+        assert all(v.dtype == np.int8 for v in fac.values())
         adds = [n for n in g.graph.node if n.op_type == "Add" and n.name.endswith("_lr_add")]
         assert len(adds) == 14
     assert errs[8] < 0.9 * errs[0], errs
