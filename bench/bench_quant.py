@@ -34,9 +34,11 @@ MODES = {  # name -> (build flags, target)
     "fp8": (["--quant", "fp8"], "sm_89"),
     "fp8_no_outliers": (["--quant", "fp8", "--outlier-channels", "0"], "sm_89"),
     "int4_rtn": (["--quant", "int4_rtn"], "sm_89"),
-    "int4_awq": (["--quant", "int4_awq"], "sm_89"),
+    "int4_awq": (["--quant", "int4_awq"], "sm_89"),              # low rank 64 by default
+    "int4_awq_no_lowrank": (["--quant", "int4_awq", "--low-rank", "0"], "sm_89"),
+    "int4_awq_lr32": (["--quant", "int4_awq", "--low-rank", "32"], "sm_89"),
     "int4_rtn_g32": (["--quant", "int4_rtn", "--group-size", "32"], "sm_89"),
-    "int4_awq_g32": (["--quant", "int4_awq", "--group-size", "32"], "sm_89"),
+    "int4_awq_g32": (["--quant", "int4_awq", "--group-size", "32", "--low-rank", "0"], "sm_89"),
     "kv_fp8": (["--kv-cache-dtype", "fp8"], "sm_89"),
     "kv_int8": (["--kv-cache-dtype", "int8"], "sm_89"),
     "nvfp4": (["--quant", "nvfp4"], "sm_120"),

@@ -175,13 +175,19 @@ def awq_scales(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], q
     return best[0], best[1], best[2] / max(base_loss, 1e-30)
 
 
-def low_rank(e: np.ndarray, H: np.ndarray, r: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def hessian_eig(H: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decomposition (l, V) of H = E[x^T x] with GPTQ's damping added to the eigenvalues (a
+    fraction of their mean), so that directions the calibration never excited stay bounded."""
+    lam, V = np.linalg.eigh(H.astype(np.float64))
+    return np.maximum(lam, 0.0) + damp * max(float(np.mean(lam)), 1e-30), V
+
+
+def low_rank(e: np.ndarray, H: np.ndarray | tuple, r: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """Factors A [K, r], B [r, N] of the rank-r C minimising E_x ||x (e - C)||^2 = tr((e - C)^T H
     (e - C)) for a weight error e [K, N] and input Hessian H = E[x^T x]: with H = V diag(l) V^T,
-    C = H^-1/2 trunc_r(H^1/2 e). The eigenvalues get GPTQ's damping (a fraction of their mean) so
-    that directions the calibration never excited still get a bounded correction."""
-    lam, V = np.linalg.eigh(H.astype(np.float64))
-    lam = np.maximum(lam, 0.0) + damp * max(float(np.mean(lam)), 1e-30)
+    C = H^-1/2 trunc_r(H^1/2 e), H damped as in `hessian_eig`. `H` may be that function's result
+    (linears sharing an input share it)."""
+    lam, V = H if isinstance(H, tuple) else hessian_eig(H, damp)
     U, S, Vt = np.linalg.svd((V * np.sqrt(lam)) @ (V.T @ e.astype(np.float64)), full_matrices=False)
     root = np.sqrt(S[:r])          # split evenly, so neither factor's values are extreme in fp16
     A = (V / np.sqrt(lam)) @ (V.T @ (U[:, :r] * root))

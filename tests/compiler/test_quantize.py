@@ -49,6 +49,8 @@ def test_config_validates_and_fingerprints():
         make_quant_config("nvfp4", low_rank=8)
     with pytest.raises(TrtcError, match="--low-rank -2 must be 0"):
         make_quant_config("int4_awq", low_rank=-2)
+    assert make_quant_config("int4_awq").low_rank == 64 and make_quant_config("int4_rtn").low_rank == 0
+    assert "low_rank_explicit" not in make_quant_config("int4_awq", low_rank=8).to_dict()
 
 
 def test_calibration_file_errors(tmp_path):
@@ -89,6 +91,15 @@ def test_group_size_against_model():
     with pytest.raises(TrtcError, match="--group-size 128 does not divide the hidden size 576"):
         resolve_for_model(make_quant_config("int4_awq", group_size=128), spec)      # explicit: never changed
     assert resolve_for_model(make_quant_config("int4_awq", group_size=32), spec).group_size == 32
+    # the default low rank (64) fits SmolLM2; on a tiny model it shrinks, an explicit one is refused
+    assert resolve_for_model(make_quant_config("int4_awq"), spec).low_rank == 64
+
+    class Tiny:
+        hidden_size, num_heads, head_dim, intermediate_size = 64, 4, 16, 128
+
+    assert resolve_for_model(make_quant_config("int4_awq"), Tiny()).low_rank == 8
+    with pytest.raises(TrtcError, match="--low-rank 64 is too large for the hidden size 64"):
+        resolve_for_model(make_quant_config("int4_awq", low_rank=64), Tiny())
 
 
 # --- numpy quantizers --------------------------------------------------------------------------
