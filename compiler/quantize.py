@@ -99,14 +99,14 @@ OUTLIER_WHY = {
             "on the output (AWQ's salient channels; bench/RESULTS-quant.md)",
 }
 
-# Per mode, the rank of the float correction (x @ A) @ B added to each quantized linear: the best
+# Per mode, the rank of the correction (x @ A) @ B added to each quantized linear: the best
 # rank-r approximation of the rounding error for the calibration activations (quant_algos.low_rank).
 # int4_awq: 64 (SmolLM2 g64: 87.2% -> 90.4% top-1 agreement, engine 220 -> 246 MB). A default
 # that is not well under a quarter of the smallest layer input (tiny models) becomes an eighth of it.
 DEFAULT_LOW_RANK: dict[str, int] = {"int4_awq": 64}
 LOW_RANK_WHY = ("the rounding error of a quantized weight is not white in the metric of the layer's "
                 "inputs: a few directions of the activations carry most of its effect on the output, and "
-                "a rank-r float correction removes exactly those (bench/RESULTS-quant.md)")
+                "a rank-r correction removes exactly those (bench/RESULTS-quant.md)")
 
 EXCLUDED = {
     "lm_head": "kept in the model dtype: the logits' precision decides the next token, and the "
@@ -126,7 +126,7 @@ class QuantConfig:
     calib_seq_len: int = 128
     group_size_explicit: bool = False  # the user named --group-size: never adjust it
     outlier_channels: int = 0          # per linear, input channels kept in the model dtype
-    low_rank: int = 0                  # per linear, rank of the float correction of the rounding error
+    low_rank: int = 0                  # per linear, rank of the correction of the rounding error
     low_rank_explicit: bool = False    # the user named --low-rank: never adjust it
 
     def __post_init__(self) -> None:

@@ -67,7 +67,7 @@ def _quant_options(f):
                      help="fp8: per linear, input channels with the largest calibration amax kept in the model "
                           "dtype (a small extra MatMul); 0 puts every channel in FP8 [default: 16]."),
         click.option("--low-rank", type=int, default=None, metavar="R",
-                     help="Per quantized linear, a rank-R float correction (x @ A) @ B of its rounding error, "
+                     help="Per quantized linear, a rank-R correction (x @ A) @ B of its rounding error (int8 factors), "
                           "fitted to the calibration activations; 0 for none [default: per mode, see README]."),
     ]
     for o in reversed(opts):

@@ -259,7 +259,7 @@ MODES = {
     "int8_wo": ({"algo": "int8_wo"}, "sm_89", "INT8", 0.08),    # 0.047 measured (random weights)
     "int8_awq": ({"algo": "int8_awq", "outlier_channels": 8}, "sm_89", "INT8", 0.08),   # AWQ + outliers; 0.051 measured
     "int4_awq": ({"algo": "int4_awq"}, "sm_89", "INT4", 1.0),   # random weights: no outliers to protect
-    "fp8": ({"algo": "fp8"}, "sm_89", "FLOAT8E4M3FN", 0.3),
+    "fp8": ({"algo": "fp8", "low_rank": 4}, "sm_89", "FLOAT8E4M3FN", 0.3),   # + outlier channels (default)
     "kv_int8": ({"kv_cache_dtype": "int8"}, "sm_89", None, 0.05),
 }
 
