@@ -269,9 +269,10 @@ def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
         if not q.low_rank_explicit:        # the default is sized for real models; tiny ones get less
             info(f"[trtc] --quant {q.algo}: default low rank {q.low_rank} is too large for the {name} {val}; "
                  f"using {val // 8}")
-            return resolve_for_model(dataclasses.replace(q, low_rank=val // 8), spec)
-        raise TrtcError(f"--low-rank {q.low_rank} is too large for the {name} {val} of this model: keep it "
-                        f"well under a quarter of it (default {DEFAULT_LOW_RANK.get(q.algo, 0)}, 0 for none)")
+            q = dataclasses.replace(q, low_rank=val // 8)
+        else:
+                raise TrtcError(f"--low-rank {q.low_rank} is too large for the {name} {val} of this model: keep "
+                            f"it well under a quarter of it (default {DEFAULT_LOW_RANK.get(q.algo, 0)}, 0 for none)")
     if not q.algo.startswith("int4"):
         return q
     bad = {k: v for k, v in feats.items() if v % q.group_size}

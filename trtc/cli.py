@@ -64,8 +64,8 @@ def _quant_options(f):
         click.option("--group-size", type=int, default=None,
                      help="int4: input rows per scale [default: 128, or the largest power of two dividing the layer sizes]."),
         click.option("--outlier-channels", type=int, default=None,
-                     help="fp8: per linear, input channels with the largest calibration amax kept in the model "
-                          "dtype (a small extra MatMul); 0 puts every channel in FP8 [default: 16]."),
+                     help="fp8, int8_wo, int8_awq: per linear, input channels with the largest calibration amax kept in "
+                          "the model dtype (a small extra MatMul); 0 for none [default: 16, int8_awq 0]."),
         click.option("--low-rank", type=int, default=None, metavar="R",
                      help="Per quantized linear, a rank-R correction (x @ A) @ B of its rounding error (int8 factors), "
                           "fitted to the calibration activations; 0 for none [default: per mode, see README]."),
