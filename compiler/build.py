@@ -16,9 +16,9 @@ from pathlib import Path
 
 from trtc.errors import TrtcError
 
-from .backend import Flavour, import_trt, make_logger, sm_number
+from trtc.flavour import Flavour, import_trt, make_logger, sm_number
 from .config import BuildConfig, ExportConfig
-from .spec import ModelSpec
+from trtc.spec import ModelSpec
 
 
 @dataclass(frozen=True)

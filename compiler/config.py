@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trtc.errors import TrtcError
 
-from .spec import fingerprint_of
+from trtc.spec import fingerprint_of
 
 DTYPES = ("float16", "bfloat16", "float32")
 

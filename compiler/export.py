@@ -25,7 +25,7 @@ from trtc.errors import TrtcInternalError
 
 from .config import ExportConfig
 from .load import LoadedModel, load_torch_model
-from .spec import ModelSpec
+from trtc.spec import ModelSpec
 
 
 def past_names(num_layers: int) -> list[str]:

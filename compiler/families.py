@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from trtc.errors import TrtcError
 
-from .spec import ModelSpec
+from trtc.spec import ModelSpec
 
 # Rope types whose cos/sin depend only on the position (not on the sequence length), so the
 # rotary pass can precompute a [max_seq_len, head_dim/2] cache. "dynamic" and "longrope" change

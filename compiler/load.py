@@ -20,7 +20,7 @@ from typing import Any
 from trtc.errors import TrtcError
 
 from .families import FamilyAdapter, adapter_for_config, adapter_for_gguf
-from .spec import ModelSpec
+from trtc.spec import ModelSpec
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -19,14 +19,14 @@ from trtc.errors import TrtcError
 from trtc.log import StageTimes, info, stage
 
 from . import package
-from .backend import Flavour, trt_version
+from trtc.flavour import Flavour, trt_version
 from .config import BuildConfig, ExportConfig, resolve_attention, resolve_dtype
 from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
 from .package import EXPORT_CONFIG, ENGINE_CONFIG, FORMAT_VERSION
 from .passes import PassContext, run_passes, validate_dump_after
 from .quantize import QuantConfig, quantize_rank_graph, resolve_for_model
-from .spec import ModelSpec, fingerprint_of
+from trtc.spec import ModelSpec, fingerprint_of
 
 RANK_ONNX = "rank{r}.onnx"
 RANK_ENGINE = "rank{r}.engine"

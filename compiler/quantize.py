@@ -75,13 +75,13 @@ from trtc.log import info
 
 from . import quant_algos as qa
 from .quant_algos import FP8_MAX, INT8_MAX
-from .backend import Flavour, sm_number
-from .spec import ModelSpec, fingerprint_of
+from trtc.bundled import CALIB_TEXT, data_file
+from trtc.flavour import Flavour, sm_number
+from trtc.spec import ModelSpec, fingerprint_of
 
 ALGOS = ("none", "fp8", "int8_wo", "int8_awq", "int4_awq", "int4_rtn", "nvfp4")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
-BUNDLED_CALIB = "calib.txt"     # Python docs topics (pydoc_data, CPython 3.11) except those in eval.txt
+BUNDLED_CALIB = CALIB_TEXT      # Python docs topics (pydoc_data, CPython 3.11) except those in eval.txt
 DEFAULT_CALIB_SAMPLES = 128     # windows of 128 tokens: 16k tokens (GPTQ's Hessians need them)
 DEFAULT_GROUP_SIZE = 128
 NVFP4_BLOCK = 16
@@ -190,7 +190,7 @@ def make_quant_config(algo: str = "none", kv_cache_dtype: str = "auto", calib_da
             raise TrtcError(f"--calib-data {calib_data}: no such file; pass a UTF-8 text file")
         source = str(p)
     else:
-        p = DATA_DIR / BUNDLED_CALIB
+        p = data_file(BUNDLED_CALIB)
         source = "bundled:" + BUNDLED_CALIB
     try:
         text = p.read_text(encoding="utf-8")
@@ -379,7 +379,7 @@ def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -
     from transformers import AutoTokenizer
 
     text = (Path(q.calib_source) if not q.calib_source.startswith("bundled:")
-            else DATA_DIR / q.calib_source.removeprefix("bundled:")).read_text(encoding="utf-8")
+            else data_file(q.calib_source.removeprefix("bundled:"))).read_text(encoding="utf-8")
     ids = np.array(AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"], dtype=np.int64)
     if len(ids) < 8:
         raise TrtcError(f"--calib-data {q.calib_source} has {len(ids)} tokens; give at least a few hundred")

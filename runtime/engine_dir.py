@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtc.compiler.package import ENGINE_CONFIG, EXPORT_CONFIG, FORMAT_VERSION, verify_files
-from trtc.compiler.spec import ModelSpec
+from trtc.spec import ModelSpec
 from trtc.errors import TrtcError
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trtc.bundled import EVAL_TEXT, data_file
 from trtc.errors import TrtcError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "trtc" / "data"
-DEFAULT_TEXT = DATA_DIR / "eval.txt"
 DEFAULT_WINDOW = 256
 
 
@@ -88,7 +87,7 @@ def evaluate(engine_dir: str | Path, text_file: str | Path | None = None, refere
     from .engine_dir import load_engine_dir
 
     ed = load_engine_dir(engine_dir)
-    path = Path(text_file) if text_file is not None else DEFAULT_TEXT
+    path = Path(text_file) if text_file is not None else data_file(EVAL_TEXT)
     if not path.is_file():
         raise TrtcError(f"--text {path}: no such file; pass a UTF-8 text file")
     text = path.read_text(encoding="utf-8")

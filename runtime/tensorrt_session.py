@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtc.compiler.backend import FLAVOURS, Flavour, import_trt, make_logger
+from trtc.flavour import FLAVOURS, Flavour, import_trt, make_logger
 from trtc.errors import TrtcError
 
 from .engine_dir import EngineDir, check_tensorrt_compat

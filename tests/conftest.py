@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rtx_flavour():
-    from trtc.compiler.backend import resolve_flavour
+    from trtc.flavour import resolve_flavour
 
     return resolve_flavour("tensorrt_rtx")
 

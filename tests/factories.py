@@ -91,7 +91,7 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int, dtype: s
 
 def pass_test_spec(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 8, window=None):
     """The one-layer Llama ModelSpec the graph-pass tests build their hand-made graphs against."""
-    from trtc.compiler.spec import ModelSpec
+    from trtc.spec import ModelSpec
 
     return ModelSpec(family="llama", architecture="LlamaForCausalLM", vocab_size=16, hidden_size=32,
                      intermediate_size=64, num_layers=1, num_heads=num_heads, num_kv_heads=num_kv_heads,

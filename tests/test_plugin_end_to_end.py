@@ -135,7 +135,7 @@ def test_full_tensorrt_plugin_engine(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from factories import make_tokenizer
-    from trtc.compiler.backend import resolve_flavour
+    from trtc.flavour import resolve_flavour
     from trtc.compiler.pipeline import build_model
 
     model_dir = tmp_path / "llama-h64"

@@ -120,7 +120,7 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
           attention, kv_block_size,
           quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank):
     """Build a TensorRT engine dir from a model."""
-    from trtc.compiler.backend import parse_targets, resolve_flavour
+    from trtc.flavour import parse_targets, resolve_flavour
     from trtc.compiler.pipeline import build_model, default_output
     from trtc.compiler.quantize import check_targets, default_targets
 

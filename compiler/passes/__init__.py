@@ -15,7 +15,7 @@ from typing import Callable
 
 from trtc.errors import TrtcError
 
-from ..spec import ModelSpec
+from trtc.spec import ModelSpec
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from trtc.compiler.graph_check import check_graph
 from trtc.compiler.passes import PIPELINE, PassContext, get_pass, run_passes
 from factories import pass_test_spec
-from trtc.compiler.spec import ModelSpec
+from trtc.spec import ModelSpec
 from trtc.errors import TrtcError, TrtcInternalError
 
 F32 = np.float32

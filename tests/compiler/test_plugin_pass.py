@@ -18,7 +18,7 @@ from trtc.compiler.graph_check import PLUGIN_DOMAIN, check_graph
 from trtc.compiler.passes import PLUGIN_PIPELINE, PassContext, get_pass, pipeline_for, validate_dump_after
 from trtc.compiler.passes.plugin_attention import BLOCK_TABLES, pool_names
 from factories import pass_test_spec
-from trtc.compiler.spec import ModelSpec
+from trtc.spec import ModelSpec
 from trtc.errors import TrtcError, TrtcInternalError
 from trtc.plugins.reference import rope_tables
 from trtc.plugins.schema import NAMESPACE, PAGED_ATTENTION, ROPE_KV_APPEND

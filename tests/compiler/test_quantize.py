@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
-from trtc.compiler.backend import FLAVOURS
+from trtc.flavour import FLAVOURS
 from trtc.compiler import quant_algos as qa
 from trtc.compiler.quantize import (QuantConfig, check_targets, default_targets, grid_of, make_quant_config,
                                     qdq, quant_nvfp4, resolve_for_model)
@@ -81,7 +81,7 @@ def test_target_checks_name_target_and_alternative():
 
 
 def test_group_size_against_model():
-    from trtc.compiler.spec import ModelSpec
+    from trtc.spec import ModelSpec
 
     class S:   # the fields resolve_for_model reads (SmolLM2-135M sizes)
         hidden_size, num_heads, head_dim, intermediate_size = 576, 9, 64, 1536
@@ -224,7 +224,7 @@ def tiny_export(tiny_model, tmp_path_factory):
 
 
 def _build(export_dir: Path, out: Path, target: str, **quant) -> Path:
-    from trtc.compiler.backend import resolve_flavour
+    from trtc.flavour import resolve_flavour
     from trtc.compiler.pipeline import build_model
 
     q = make_quant_config(**quant)
