@@ -8,6 +8,7 @@ it, the runtime and `trtc inspect` read through it; neither imports the other's 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtc.errors import TrtcError
@@ -75,6 +76,29 @@ def pool_names(num_layers: int) -> list[tuple[str, str]]:
 
 def is_cache_input(name: str) -> bool:
     return name.startswith(PAST_PREFIX) or name.startswith(POOL_PREFIX)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output: name, numpy dtype name, shape (ints, or names of dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class IOTable:
+    """The rank graph's inputs and outputs, as the engine was built from it."""
+
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+
+    def input(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.outputs if t.name == name), None)
 
 
 # --- KV cache arithmetic ------------------------------------------------------------------------
