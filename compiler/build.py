@@ -6,25 +6,22 @@ inputs have a fixed length (max_seq_len) in both, so the same cache buffers serv
 Plugin-form graphs (`--attention plugin`, full TensorRT only): trtc's plugins are registered with
 TensorRT (plugins/tensorrt_plugin.py) before the ONNX parser runs, and the block pools / block
 tables get profile ranges instead of the per-layer caches. Written against the documented API and
-NOT run: full TensorRT cannot be installed on trtc's machines (FACTS.md).
+NOT run: full TensorRT cannot be installed on trtc's machines (docs/platform.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any
 
+from trtc import artifact as art
+from trtc.artifact import Profile
 from trtc.errors import TrtcError
-
 from trtc.flavour import Flavour, import_trt, make_logger, sm_number
-from .config import BuildConfig, ExportConfig
 from trtc.spec import ModelSpec
 
-
-@dataclass(frozen=True)
-class ProfileShapes:
-    name: str
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # min, opt, max
+from .config import BuildConfig, ExportConfig
 
 
 def check_plugin_kernels(spec: ModelSpec, ecfg: ExportConfig) -> None:
@@ -45,57 +42,59 @@ def check_plugin_kernels(spec: ModelSpec, ecfg: ExportConfig) -> None:
 
 
 def profiles_for(spec: ModelSpec, cfg: BuildConfig, input_names: list[str],
-                 kv_block_size: int | None = None) -> list[ProfileShapes]:
-    """kv_block_size: plugin form (block pools + block tables) when set."""
+                 kv_block_size: int | None = None) -> list[Profile]:
+    """Profiles PREFILL (seq 1..max_input_len) and DECODE (seq 1): [min, opt, max] per graph input.
+    kv_block_size: plugin form (block pools + block tables) when set."""
     B, S = cfg.max_batch_size, cfg.max_input_len
     optb = min(cfg.opt_batch_size, B)
-    cache = (spec.num_kv_heads, cfg.max_seq_len, spec.head_dim)
-    if kv_block_size:   # pools [num_blocks, 2, Hkv, bs, D]: up to every sequence at max_seq_len
-        mb = -(-cfg.max_seq_len // kv_block_size)
-        block = (2, spec.num_kv_heads, kv_block_size, spec.head_dim)
+
+    def batch_dim(rest: tuple[int, ...], opt: int = optb, mx: int = B) -> list[list[int]]:
+        return [[1, *rest], [opt, *rest], [mx, *rest]]
+
     out = []
     for name, (smin, sopt, smax) in (("prefill", (1, max(1, S // 2), S)), ("decode", (1, 1, 1))):
         shapes = {}
         for n in input_names:
-            if n in ("input_ids", "position_ids"):
-                shapes[n] = ((1, smin), (optb, sopt), (B, smax))
-            elif n.startswith("past_key_values."):
-                shapes[n] = ((1, *cache), (optb, *cache), (B, *cache))
-            elif kv_block_size and n == "block_tables":
-                shapes[n] = ((1, mb), (optb, mb), (B, mb))
-            elif kv_block_size and n.startswith("past_kv_pool."):
-                shapes[n] = ((1, *block), (optb * mb, *block), (B * mb, *block))
+            if n in art.TOKEN_INPUTS:
+                shapes[n] = [[1, smin], [optb, sopt], [B, smax]]
+            elif n.startswith(art.PAST_PREFIX):
+                shapes[n] = batch_dim(art.cache_shape(1, spec.num_kv_heads, cfg.max_seq_len, spec.head_dim)[1:])
+            elif kv_block_size and n == art.BLOCK_TABLES:
+                shapes[n] = batch_dim((art.max_blocks(cfg.max_seq_len, kv_block_size),))
+            elif kv_block_size and n.startswith(art.POOL_PREFIX):
+                # pools [num_blocks, 2, Hkv, bs, D]: up to every sequence at max_seq_len
+                mb = art.max_blocks(cfg.max_seq_len, kv_block_size)
+                block = art.pool_shape(1, spec.num_kv_heads, kv_block_size, spec.head_dim)[1:]
+                shapes[n] = batch_dim(block, optb * mb, B * mb)
             else:
                 raise TrtcError(f"graph input {n!r} has no profile rule; was the graph made by trtc export?")
-        out.append(ProfileShapes(name, shapes))
+        out.append(Profile(name, shapes))
     return out
 
 
-_PLUGINS_REGISTERED = False
+def _register_plugins(targets: tuple[str, ...]) -> None:
+    """tensorrt.plugin keeps a global registry: register() registers once per process and sets the
+    compute capability the plugin kernels are compiled for (the build's one target)."""
+    from trtc.plugins.tensorrt_plugin import register
+
+    register(targets)
 
 
-def _register_plugins() -> None:
-    """Once per process: tensorrt.plugin keeps a global registry."""
-    global _PLUGINS_REGISTERED
-    if not _PLUGINS_REGISTERED:
-        from trtc.plugins.tensorrt_plugin import register
-
-        register()
-        _PLUGINS_REGISTERED = True
-
-
-def _cc_enum(trt, target: str):
+def _cc_enum(trt: ModuleType, target: str) -> Any:
     return getattr(trt.ComputeCapability, "SM" + str(sm_number(target)))
 
 
 def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Flavour,
-                 engine_path: Path, kv_block_size: int | None = None) -> list[ProfileShapes]:
+                 engine_path: Path, kv_block_size: int | None = None) -> list[Profile]:
     """kv_block_size set: a plugin-form graph (needs flavour.plugins)."""
-    trt = import_trt(flavour)
+    if TYPE_CHECKING:
+        import tensorrt as trt      # checked against tensorrt's stubs; TensorRT-RTX has the same API
+    else:
+        trt = import_trt(flavour)
     if kv_block_size:
         if not flavour.plugins:
             raise TrtcError(f"{flavour.name} has no plugin layer; plugin-form graphs need full TensorRT")
-        _register_plugins()   # trtc::RopeKvAppend / trtc::PagedAttention, before the parser meets the nodes
+        _register_plugins(cfg.targets)   # trtc::RopeKvAppend / trtc::PagedAttention, before the parser meets the nodes
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -105,22 +104,25 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
         raise TrtcError(f"the {flavour.name} ONNX parser rejected {onnx_path.name}: {errs}")
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.ATTENTION_INPUT, trt.LayerType.ATTENTION_OUTPUT):
-            layer.__class__ = trt.IAttentionBoundaryLayer
+        # IAttention's layer types and boundary layer (TensorRT-RTX 1.x, TensorRT 10.14+) are newer
+        # than the 10.13 stubs: hence the attr-defined ignores.
+        if layer.type in (trt.LayerType.ATTENTION_INPUT, trt.LayerType.ATTENTION_OUTPUT):  # type: ignore[attr-defined]
+            layer.__class__ = trt.IAttentionBoundaryLayer  # type: ignore[attr-defined]
             # fp32 attention has no fused kernel on TensorRT-RTX; allow decomposition (fused
             # kernels are still used wherever one supports the shape and type).
-            layer.attention.decomposable = True
+            layer.attention.decomposable = True  # type: ignore[attr-defined]
     config = builder.create_builder_config()
-    if flavour.name == "tensorrt_rtx":
-        config.num_compute_capabilities = len(cfg.targets)
+    if flavour.name == "tensorrt_rtx":   # TensorRT-RTX's ahead-of-time targets: not in tensorrt's stubs
+        config.num_compute_capabilities = len(cfg.targets)  # type: ignore[attr-defined]
         for i, t in enumerate(cfg.targets):
-            config.set_compute_capability(_cc_enum(trt, t), i)
+            config.set_compute_capability(_cc_enum(trt, t), i)  # type: ignore[attr-defined]
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     profiles = profiles_for(spec, cfg, names, kv_block_size)
     for prof in profiles:
         p = builder.create_optimization_profile()
         for n, (mn, op, mx) in prof.shapes.items():
-            p.set_shape(n, mn, op, mx)
+            # TensorRT converts a tuple to Dims (pybind11 implicit conversion); the stubs say Dims only.
+            p.set_shape(n, tuple(mn), tuple(op), tuple(mx))  # type: ignore[arg-type]
         config.add_optimization_profile(p)
     # Stream the engine to disk as it is serialized: no second in-memory copy of the engine.
     with open(engine_path, "wb") as f:
@@ -131,12 +133,19 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
     return profiles
 
 
-def _file_writer(trt, f):
-    class FileWriter(trt.IStreamWriter):
-        def __init__(self):
-            trt.IStreamWriter.__init__(self)
+def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
+    if TYPE_CHECKING:
+        from tensorrt import IStreamWriter
+    else:
+        IStreamWriter = trt.IStreamWriter
 
-        def write(self, data) -> int:
+    class FileWriter(IStreamWriter):
+        def __init__(self) -> None:
+            IStreamWriter.__init__(self)
+
+        # TensorRT calls a Python writer with the chunk as bytes (its documented override); the
+        # stubs show the C++ binding's write(data: capsule, size).
+        def write(self, data: bytes) -> int:  # type: ignore[override]
             return f.write(data)
 
     return FileWriter()

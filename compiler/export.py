@@ -21,6 +21,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtc import artifact as art
 from trtc.errors import TrtcInternalError
 
 from .config import ExportConfig
@@ -29,11 +30,11 @@ from trtc.spec import ModelSpec
 
 
 def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return [past for past, _ in art.cache_names(num_layers)]
 
 
 def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return [present for _, present in art.cache_names(num_layers)]
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
         program = torch.onnx.export(
             _wrapper(model, L), (ids, mask, pos, *past), dynamic_shapes=dynamic, dynamo=True,
             opset_version=cfg.opset, external_data=True,
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names(L)],
-            output_names=["logits", *present_names(L)], verbose=bool(__import__('os').environ.get('TRTC_EXPORT_VERBOSE')), report=False,
+            input_names=[art.INPUT_IDS, art.ATTENTION_MASK, art.POSITION_IDS, *past_names(L)],
+            output_names=[art.LOGITS, *present_names(L)], verbose=bool(__import__('os').environ.get('TRTC_EXPORT_VERBOSE')), report=False,
         )
     if program is None:
         raise TrtcInternalError("torch.onnx.export returned no program")

@@ -2,53 +2,18 @@
 
 Both the engine dir (`trtc build`) and the export dir (`trtc export`) are written into a temp dir
 next to the destination and renamed into place only when complete; a failed run leaves nothing.
+What goes into them (config records, file names, checksums) is defined by trtc/artifact.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from trtc.errors import TrtcError
-
-ENGINE_CONFIG = "config.json"
-EXPORT_CONFIG = "trtc_export.json"
-FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_table(d: Path, names: list[str]) -> dict[str, dict]:
-    return {n: {"sha256": sha256_file(d / n), "size": (d / n).stat().st_size} for n in sorted(names)}
-
-
-def verify_files(d: Path, table: dict[str, dict], names: list[str] | None = None,
-                 rebuild_hint: str = "rebuild it") -> None:
-    """Check size and sha256 of `names` (default: all) against `table`; TrtcError on mismatch."""
-    for n in names if names is not None else list(table):
-        entry = table.get(n)
-        if entry is None:
-            raise TrtcError(f"{d / ENGINE_CONFIG} lists no checksum for {n}; {rebuild_hint}")
-        p = d / n
-        if not p.is_file():
-            raise TrtcError(f"{p} is missing; {rebuild_hint}")
-        size = p.stat().st_size
-        if size != entry["size"]:
-            raise TrtcError(f"{p} is {size} bytes, expected {entry['size']} (truncated or replaced); {rebuild_hint}")
-        if sha256_file(p) != entry["sha256"]:
-            raise TrtcError(f"{p} does not match its sha256 in the dir's config (corrupted); {rebuild_hint}")
-
 
 def check_output_dir(final: Path, marker: str) -> None:
     """An output dir may be replaced only when missing, empty, or written by trtc before."""
@@ -84,17 +49,6 @@ def atomic_dir(final: Path, marker: str):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtcError(f"{path} is not valid JSON ({e}); rebuild the {what}") from e
 
 
 def copy_files(src: Path, dst: Path, names) -> list[str]:

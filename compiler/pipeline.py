@@ -1,8 +1,9 @@
-"""The compiler pipeline, top to bottom: load -> export -> passes -> build -> package.
+"""The compiler pipeline, top to bottom: load -> export -> passes -> [quantize] -> build -> package.
 
 `export_model` stops after the passes and writes an export dir (ONNX rank graphs + tokenizer +
-trtc_export.json); `build_model` accepts a model or such an export dir and writes an engine dir.
-Stage names are what the CLI prints; pass names are what `--dump-after` accepts.
+trtc_export.json); `build_model` turns a model or such an export dir into the same RankGraphs
+hand-off and builds from that. Stage names are what the CLI prints; pass names are what
+`--dump-after` accepts. What the dirs hold is defined by trtc/artifact.py.
 """
 
 from __future__ import annotations
@@ -15,37 +16,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtc import __version__
+from trtc import artifact as art
+from trtc.artifact import ENGINE_CONFIG, EXPORT_CONFIG, IOTable, Mapping, RankGraph, Source, TensorInfo
 from trtc.errors import TrtcError
+from trtc.flavour import Flavour, trt_version
 from trtc.log import StageTimes, info, stage
+from trtc.spec import ModelSpec, fingerprint_of
 
 from . import package
-from trtc.flavour import Flavour, trt_version
 from .config import BuildConfig, ExportConfig, resolve_attention, resolve_dtype
 from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
-from .package import EXPORT_CONFIG, ENGINE_CONFIG, FORMAT_VERSION
 from .passes import PassContext, run_passes, validate_dump_after
-from .quantize import QuantConfig, quantize_rank_graph, resolve_for_model
-from trtc.spec import ModelSpec, fingerprint_of
-
-RANK_ONNX = "rank{r}.onnx"
-RANK_ENGINE = "rank{r}.engine"
+from .quantize import QuantConfig, check_targets, quantize_rank_graph, resolve_for_model
 
 
 @dataclass(frozen=True)
 class RankGraphs:
-    """Typed hand-off from export+passes to build: the rank graphs on disk and what they are."""
+    """Typed hand-off from export+passes(+quantize) to build: the rank graphs on disk and what they are."""
 
     dir: Path
-    files: tuple[str, ...]         # rank0.onnx, rank0.onnx.data
+    graphs: tuple[RankGraph, ...]  # one per rank: rank0.onnx + rank0.onnx.data, ...
     spec: ModelSpec
     config: ExportConfig
-    io: dict                       # {"inputs": [...], "outputs": [...]}: name, dtype, shape
-    source: dict                   # {"model": ..., "weights_sha256": ...}
+    io: IOTable
+    source: Source
     tokenizer_dir: Path
-    pass_stats: dict
-    tokenizer_files: tuple[str, ...] = ()
-    quantization: dict | None = None   # compiler/quantize.py report, when the graphs are quantized
+    pass_stats: dict[str, int]
+    tokenizer_files: tuple[str, ...] = ()   # set when the tokenizer is already saved in `dir` (export dir)
+    quantization: dict | None = None        # quantizer report, when the graphs are quantized
+    mapping: Mapping = Mapping()
+
+    @property
+    def files(self) -> list[str]:
+        return [f for g in self.graphs for f in (g.file, g.data)]
 
 
 def default_output(model: str | None, root: str = "engines") -> Path:
@@ -55,18 +59,18 @@ def default_output(model: str | None, root: str = "engines") -> Path:
     return Path(root) / name
 
 
-def _io_table(model) -> dict:
+def _io_table(model) -> IOTable:
     import onnx
 
-    def rows(values):
+    def rows(values) -> list[TensorInfo]:
         out = []
         for v in values:
             t = v.type.tensor_type
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                        "shape": [d.dim_param or d.dim_value for d in t.shape.dim]})
+            out.append(TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                                  [d.dim_param or d.dim_value for d in t.shape.dim]))
         return out
 
-    return {"inputs": rows(model.graph.input), "outputs": rows(model.graph.output)}
+    return IOTable(rows(model.graph.input), rows(model.graph.output))
 
 
 def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, times: StageTimes,
@@ -80,53 +84,54 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
         graph = load_graph(traced.onnx_path)
         ctx = PassContext(spec=loaded.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
                           dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None,
-                          attention=cfg.attention, kv_block_size=cfg.kv_block_size or 16)
+                          attention=cfg.attention, kv_block_size=cfg.kv_block_size)
         graph = run_passes(graph, ctx)
         check_graph(graph, after="all passes")
         info("[trtc]   " + ", ".join(f"{k}: {v}" for k, v in ctx.stats.items()))
-        name = RANK_ONNX.format(r=0)
-        model = save_graph(graph, traced.onnx_path.parent / (traced.onnx_path.name + ".data"), work / name)
+        rg = RankGraph(0, art.rank_onnx(0), art.onnx_data(art.rank_onnx(0)))
+        model = save_graph(graph, traced.onnx_path.parent / (traced.onnx_path.name + ".data"), work / rg.file)
         io = _io_table(model)
         del model, graph
         shutil.rmtree(work / "traced", ignore_errors=True)
-    return RankGraphs(dir=work, files=(name, name + ".data"), spec=loaded.spec, config=cfg, io=io,
-                      source={"model": loaded.source, "hf_dir": str(loaded.hf_dir),
-                              "weights_sha256": loaded.weights_sha256},
+    return RankGraphs(dir=work, graphs=(rg,), spec=loaded.spec, config=cfg, io=io,
+                      source=Source(model=loaded.source, weights_sha256=loaded.weights_sha256,
+                                    hf_dir=str(loaded.hf_dir)),
                       tokenizer_dir=loaded.hf_dir, pass_stats=dict(ctx.stats))
 
 
 def _load_export_dir(d: Path) -> RankGraphs:
-    meta = package.read_json(d / EXPORT_CONFIG, "export dir")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TrtcError(f"{d} was exported by another trtc format ({meta.get('format_version')}); "
-                        f"re-run trtc export with this version")
-    files = meta["files"]
-    onnx_files = [n for n in files if n.startswith("rank")]
-    tok = [n for n in files if not n.startswith("rank")]
-    package.verify_files(d, files, onnx_files + tok, rebuild_hint="re-run trtc export")
-    return RankGraphs(dir=d, files=tuple(onnx_files), spec=ModelSpec.from_dict(meta["pretrained_config"]),
-                      config=ExportConfig(**meta["export_config"]), io=meta["io"], source=meta["source"],
-                      tokenizer_dir=d, pass_stats=meta.get("passes", {}), tokenizer_files=tuple(tok),
-                      quantization=meta.get("quantization"))
+    cfg = art.read_export_config(d)
+    art.verify_files(d, cfg.files, rebuild_hint="re-run trtc export", config_name=EXPORT_CONFIG)
+    return RankGraphs(dir=d, graphs=tuple(cfg.onnx), spec=cfg.pretrained_config, config=cfg.export_config,
+                      io=cfg.io, source=cfg.source, tokenizer_dir=d, pass_stats=cfg.passes,
+                      tokenizer_files=tuple(cfg.tokenizer_files), mapping=cfg.mapping,
+                      quantization=cfg.quantization if cfg.quantization.get("config") else None)
 
 
 def _quantize(graphs: RankGraphs, q: QuantConfig, out_dir: Path, times: StageTimes) -> RankGraphs:
     """Quantize rank 0's graph into out_dir (may be graphs.dir); see compiler/quantize.py."""
-    name = RANK_ONNX.format(r=0)
+    src = graphs.graphs[0]
+    rg = RankGraph(0, art.rank_onnx(0), art.onnx_data(art.rank_onnx(0)))
     out_dir.mkdir(parents=True, exist_ok=True)
     with stage("quantize", times, f"{q.algo}, kv cache {q.kv_cache_dtype}"):
-        res = quantize_rank_graph(graphs.dir / graphs.files[0], out_dir / name, graphs.spec, q,
+        res = quantize_rank_graph(graphs.dir / src.file, out_dir / rg.file, graphs.spec, q,
                                   graphs.tokenizer_dir, graphs.config.max_seq_len)
-    return dataclasses.replace(graphs, dir=out_dir, files=(name, name + ".data"), io=_io_table(res.model),
-                               quantization=res.report)
+    return dataclasses.replace(graphs, dir=out_dir, graphs=(rg,), io=_io_table(res.model), quantization=res.report)
 
 
-def _no_quantization() -> dict:
-    return {"quant_algo": None, "kv_cache_quant_algo": None}
+def _quantization_record(graphs: RankGraphs) -> dict:
+    return graphs.quantization or {"quant_algo": None, "kv_cache_quant_algo": None}
 
 
 def is_export_dir(model: str | None) -> bool:
     return model is not None and (Path(model) / EXPORT_CONFIG).is_file()
+
+
+def _export_config(loaded: LoadedModel, dtype: str, max_seq_len: int | None, attention: str,
+                   kv_block_size: int | None) -> ExportConfig:
+    return ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
+                        max_seq_len=_default_seq_len(max_seq_len, loaded.spec),
+                        attention=attention, kv_block_size=kv_block_size)
 
 
 def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
@@ -141,24 +146,18 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
         loaded = load_model(model)
     if quant is not None and quant.enabled:
         quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
-    cfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
-                       max_seq_len=_default_seq_len(max_seq_len, loaded.spec),
-                       attention=attention, kv_block_size=kv_block_size)
+    cfg = _export_config(loaded, dtype, max_seq_len, attention, kv_block_size)
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
         graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
         if quant is not None and quant.enabled:
             graphs = _quantize(graphs, quant, tmp, times)
         with stage("package", times):
             tok = save_tokenizer(loaded.hf_dir, tmp)
-            meta = {
-                "format_version": FORMAT_VERSION, "trtc_version": __version__,
-                "pretrained_config": graphs.spec.to_dict(), "export_config": dataclasses.asdict(cfg),
-                "io": graphs.io, "source": graphs.source, "passes": graphs.pass_stats,
-                "quantization": graphs.quantization or _no_quantization(),
-                "tokenizer_files": tok,
-                "files": package.file_table(tmp, list(graphs.files) + tok),
-            }
-            package.write_json(tmp / EXPORT_CONFIG, meta)
+            art.write_config(tmp, art.ExportDirConfig(
+                format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=graphs.spec,
+                export_config=cfg, mapping=graphs.mapping, quantization=_quantization_record(graphs),
+                io=graphs.io, onnx=list(graphs.graphs), tokenizer_files=tok, source=graphs.source,
+                passes=graphs.pass_stats, files=art.file_table(tmp, graphs.files + tok)))
     return output, times
 
 
@@ -169,6 +168,43 @@ def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
         raise TrtcError(f"--max-seq-len {requested} exceeds the model's max_position_embeddings "
                         f"{spec.max_position_embeddings}; lower it")
     return requested
+
+
+def _build_config(ecfg: ExportConfig, max_batch_size: int, max_input_len: int | None,
+                  targets: tuple[str, ...]) -> BuildConfig:
+    return BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
+                       max_seq_len=ecfg.max_seq_len, targets=targets)
+
+
+def _rank_graphs_for_build(model: str | None, work: Path, times: StageTimes, dtype: str,
+                           max_seq_len: int | None, attention: str | None, kv_block_size: int | None,
+                           flavour: Flavour, quant: QuantConfig | None, dump_after: tuple[str, ...],
+                           dump_dir: Path, check_limits) -> RankGraphs:
+    """Either kind of input (a model, or an export dir) -> the rank graphs the build compiles."""
+    if is_export_dir(model):
+        with stage("load", times, f"export dir {model}"):
+            graphs = _load_export_dir(Path(str(model)))
+        _check_against_export(graphs, dtype, max_seq_len)
+        _check_attention_against_export(graphs, attention, kv_block_size)
+        _check_plugin_flavour(graphs.config.attention, flavour)
+        _check_plugin_quant(graphs.config.attention, quant)
+        check_limits(graphs.spec, graphs.config)
+        if quant is not None and quant.enabled:
+            if graphs.quantization:
+                raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
+                                f"drop --quant/--kv-cache-dtype, or re-export without them")
+            quant = resolve_for_model(quant, graphs.spec)
+    else:
+        with stage("load", times, model or DEFAULT_MODEL):
+            loaded = load_model(model)
+        ecfg = _export_config(loaded, dtype, max_seq_len, attention or "native", kv_block_size)
+        check_limits(loaded.spec, ecfg)                 # before exporting
+        if quant is not None and quant.enabled:
+            quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
+        graphs = _export_rank_graphs(loaded, ecfg, work, times, dump_after, dump_dir)
+    if quant is not None and quant.enabled:
+        graphs = _quantize(graphs, quant, work / "quant", times)
+    return graphs
 
 
 def build_model(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
@@ -183,89 +219,59 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         attention, kv_block_size = resolve_attention(attention, kv_block_size)
         _check_plugin_flavour(attention, flavour)       # before anything is loaded or written
         _check_plugin_quant(attention, quant)
+    if quant is not None and quant.enabled:
+        check_targets(quant, flavour, targets)          # fp8 needs sm_89+, ...: the API keeps the CLI's policy
     validate_dump_after(dump_after, attention or "native")
     package.check_output_dir(output, ENGINE_CONFIG)      # before any expensive work
+
+    def check_limits(spec: ModelSpec, ecfg: ExportConfig) -> None:
+        check_plugin_kernels(spec, ecfg)                # full TensorRT: the kernels' dtypes/head sizes
+        _build_config(ecfg, max_batch_size, max_input_len, targets)
+
     times = StageTimes()
-    work_root = Path(tempfile.mkdtemp(prefix="trtc-work-"))
+    work = Path(tempfile.mkdtemp(prefix="trtc-work-"))
     try:
-        if is_export_dir(model):
-            with stage("load", times, f"export dir {model}"):
-                graphs = _load_export_dir(Path(model))
-            _check_against_export(graphs, dtype, max_seq_len)
-            _check_attention_against_export(graphs, attention, kv_block_size)
-            _check_plugin_flavour(graphs.config.attention, flavour)
-            _check_plugin_quant(graphs.config.attention, quant)
-            if quant is not None and quant.enabled:
-                if graphs.quantization and graphs.quantization.get("config"):
-                    raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
-                                    f"drop --quant/--kv-cache-dtype, or re-export without them")
-                quant = resolve_for_model(quant, graphs.spec)
-        else:
-            with stage("load", times, model or DEFAULT_MODEL):
-                loaded = load_model(model)
-            ecfg = ExportConfig(dtype=resolve_dtype(dtype, loaded.spec.source_dtype),
-                                max_seq_len=_default_seq_len(max_seq_len, loaded.spec),
-                                attention=attention, kv_block_size=kv_block_size)
-            check_plugin_kernels(loaded.spec, ecfg)      # full TensorRT: the kernels' dtypes/head sizes
-            bcfg_check = BuildConfig(max_batch_size, max_input_len or min(1024, ecfg.max_seq_len),
-                                     ecfg.max_seq_len, targets)  # validate options before exporting
-            del bcfg_check
-            if quant is not None and quant.enabled:
-                quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
-            graphs = _export_rank_graphs(loaded, ecfg, work_root, times, dump_after,
-                                         output.parent / (output.name + ".dump"))
-        if quant is not None and quant.enabled:
-            graphs = _quantize(graphs, quant, work_root / "quant", times)
+        graphs = _rank_graphs_for_build(model, work, times, dtype, max_seq_len, attention, kv_block_size,
+                                        flavour, quant, dump_after, output.parent / (output.name + ".dump"),
+                                        check_limits)
         spec, ecfg = graphs.spec, graphs.config
-        check_plugin_kernels(spec, ecfg)
-        bcfg = BuildConfig(max_batch_size=max_batch_size,
-                           max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
-                           max_seq_len=ecfg.max_seq_len, targets=targets)
+        bcfg = _build_config(ecfg, max_batch_size, max_input_len, targets)
         version = trt_version(flavour)
         fingerprint = fingerprint_of({
-            "trtc": __version__, "spec": spec.to_dict(), "weights": graphs.source.get("weights_sha256"),
-            "export": dataclasses.asdict(ecfg), "build": bcfg.to_dict(),
+            "trtc": __version__, "spec": spec.to_dict(), "weights": graphs.source.weights_sha256,
+            "export": dataclasses.asdict(ecfg), "build": dataclasses.asdict(bcfg),
             "tensorrt": [flavour.name, version],
             **({"quant": graphs.quantization["fingerprint"]} if graphs.quantization
                and graphs.quantization.get("fingerprint") else {})})
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
-            engine_name = RANK_ENGINE.format(r=0)
-            with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
-                profiles = build_engine(graphs.dir / graphs.files[0], spec, bcfg, flavour, tmp / engine_name,
-                                        kv_block_size=ecfg.kv_block_size)
+            engines = []
+            for g in graphs.graphs:
+                ef = art.EngineFile(rank=g.rank, targets=list(targets), file=art.rank_engine(g.rank))
+                with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
+                    profiles = build_engine(graphs.dir / g.file, spec, bcfg, flavour, tmp / ef.file,
+                                            kv_block_size=ecfg.kv_block_size)
+                engines.append(ef)
             with stage("package", times):
                 if graphs.tokenizer_files:   # an export dir: already saved by trtc
                     tok = package.copy_files(graphs.tokenizer_dir, tmp, graphs.tokenizer_files)
                 else:
                     tok = save_tokenizer(graphs.tokenizer_dir, tmp)
-                files = [engine_name] + tok
-                onnx_files = []
-                if keep_onnx:
-                    for n in graphs.files:
+                kept = list(graphs.graphs) if keep_onnx else []
+                for g in kept:
+                    for n in (g.file, g.data):
                         shutil.copy2(graphs.dir / n, tmp / n)
-                    onnx_files = list(graphs.files)
-                config = {
-                    "format_version": FORMAT_VERSION,
-                    "trtc_version": __version__,
-                    "fingerprint": fingerprint,
-                    "pretrained_config": {**spec.to_dict(), "dtype": ecfg.dtype},
-                    "build_config": {**bcfg.to_dict(), "profiles": [
-                        {"name": p.name, "shapes": {k: [list(x) for x in v] for k, v in p.shapes.items()}}
-                        for p in profiles]},
-                    "export_config": dataclasses.asdict(ecfg),
-                    "quantization": graphs.quantization or _no_quantization(),
-                    "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1, "ranks": [0]},
-                    "tensorrt": {"flavour": flavour.name, "version": version, "targets": list(targets)},
-                    "io": graphs.io,
-                    "engines": {"0": engine_name},
-                    "onnx": {"0": graphs.files[0]} if keep_onnx else None,
-                    "source": graphs.source,
-                    "passes": graphs.pass_stats,
-                    "files": package.file_table(tmp, files + onnx_files),
-                }
-                package.write_json(tmp / ENGINE_CONFIG, config)
+                art.write_config(tmp, art.EngineConfig(
+                    format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=spec,
+                    export_config=ecfg, mapping=graphs.mapping, quantization=_quantization_record(graphs),
+                    io=graphs.io, onnx=kept, tokenizer_files=tok, source=graphs.source,
+                    passes=graphs.pass_stats,
+                    files=art.file_table(tmp, [e.file for e in engines] + tok + [n for g in kept
+                                                                                  for n in (g.file, g.data)]),
+                    fingerprint=fingerprint, build_config=bcfg, profiles=profiles,
+                    tensorrt=art.TensorRTInfo(flavour=flavour.name, version=version, targets=list(targets)),
+                    engines=engines))
     finally:
-        shutil.rmtree(work_root, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return output, times
 
 

@@ -1,138 +1,144 @@
-"""Load and validate an engine dir before anything in it is used.
+"""Load and validate an engine dir (or an export dir) before anything in it is used.
 
-Checks, in order: config.json exists and is readable, the format version is ours, and (per
-backend, just before use) the sha256 of each file that backend will read. For the TensorRT
-backend, also the installed TensorRT flavour/version and the GPU's compute capability against what
-the engine was built for, before deserializing (a mismatched engine otherwise fails deep inside
-TensorRT, or not at all).
+Checks, in order: the config file exists, its format version is one this trtc reads, every field
+has the type the contract (trtc/artifact.py) says, and (per backend, just before use) the sha256 of
+each file that backend will read. For the TensorRT backend, also the installed TensorRT
+flavour/version and the GPU's compute capability against what the engine was built for, before
+deserializing (a mismatched engine otherwise fails deep inside TensorRT, or not at all).
 
-An export dir (`trtc export`) loads too, for the onnxruntime backend only: it holds the rank graph
-but no engine, so its limits are the export's (max_seq_len; prompts up to max_seq_len; batches of
-EXPORT_DIR_BATCH sequences).
+An export dir (`trtc export`) runs on the onnxruntime backend only: it holds the rank graphs but
+no engine and no build limits, so it runs with RunLimits of its own (prompts up to max_seq_len,
+batches of EXPORT_DIR_BATCH sequences).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtc.compiler.package import ENGINE_CONFIG, EXPORT_CONFIG, FORMAT_VERSION, verify_files
-from trtc.spec import ModelSpec
+from trtc import artifact as art
+from trtc.artifact import EngineConfig, ExportDirConfig, IOTable
 from trtc.errors import TrtcError
-
+from trtc.spec import ModelSpec
 
 EXPORT_DIR_BATCH = 8   # sequences per batch when running an export dir (it has no build limits)
 
 
 @dataclass(frozen=True)
+class RunLimits:
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
 class EngineDir:
     path: Path
-    config: dict
-    spec: ModelSpec
+    config: EngineConfig | ExportDirConfig
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.config.pretrained_config
+
+    @property
+    def io(self) -> IOTable:
+        return self.config.io
 
     @property
     def dtype(self) -> str:
-        return self.config["pretrained_config"]["dtype"]
-
-    @property
-    def build(self) -> dict:
-        return self.config["build_config"]
-
-    @property
-    def max_batch_size(self) -> int:
-        return int(self.build["max_batch_size"])
-
-    @property
-    def max_input_len(self) -> int:
-        return int(self.build["max_input_len"])
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.build["max_seq_len"])
+        return self.config.export_config.dtype
 
     @property
     def is_export(self) -> bool:
         """An export dir: ONNX rank graphs only, no engine."""
-        return not self.config.get("engines")
+        return isinstance(self.config, ExportDirConfig)
+
+    @property
+    def limits(self) -> RunLimits:
+        if isinstance(self.config, EngineConfig):
+            b = self.config.build_config
+            return RunLimits(b.max_batch_size, b.max_input_len, b.max_seq_len)
+        seq = self.config.export_config.max_seq_len
+        return RunLimits(EXPORT_DIR_BATCH, seq, seq)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.limits.max_batch_size
+
+    @property
+    def max_input_len(self) -> int:
+        return self.limits.max_input_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.limits.max_seq_len
 
     @property
     def attention(self) -> str:
         """"native" (per-layer KV caches) or "plugin" (trtc plugins, paged KV cache)."""
-        return self.config.get("export_config", {}).get("attention", "native")
+        return self.config.export_config.attention
 
     @property
     def kv_block_size(self) -> int:
-        return int(self.config.get("export_config", {}).get("kv_block_size", 16))
+        return self.config.export_config.kv_block_size or art.DEFAULT_KV_BLOCK_SIZE
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.config.quantization.get("config"))
 
     @property
     def onnx_file(self) -> str | None:
-        onnx = self.config.get("onnx")
-        return onnx["0"] if onnx else None
+        g = self.config.rank_graph(0)
+        return g.file if g else None
+
+    def engine(self, rank: int = 0, sm: int | None = None) -> art.EngineFile | None:
+        if not isinstance(self.config, EngineConfig):
+            return None
+        return self.config.engine_for(rank, sm)
 
     @property
     def engine_file(self) -> str:
-        return self.config["engines"]["0"]
+        e = self.engine(0)
+        if e is None:
+            raise TrtcError(f"{self.path} holds no engine (an export dir); build one with `trtc build --model {self.path}`")
+        return e.file
 
     def verify(self, names: list[str]) -> None:
-        verify_files(self.path, self.config["files"], names, rebuild_hint="rebuild the engine dir with trtc build")
+        hint = "re-run trtc export" if self.is_export else "rebuild the engine dir with trtc build"
+        art.verify_files(self.path, self.config.files, names, rebuild_hint=hint,
+                         config_name=art.EXPORT_CONFIG if self.is_export else art.ENGINE_CONFIG)
 
     def tokenizer_files(self) -> list[str]:
-        return [n for n in self.config["files"] if not n.startswith("rank")]
+        return list(self.config.tokenizer_files)
 
 
 def load_engine_dir(path: str | Path) -> EngineDir:
     p = Path(path)
     if not p.is_dir():
         raise TrtcError(f"{p} is not a directory; pass the engine dir written by trtc build")
-    cfg_path = p / ENGINE_CONFIG
-    if not cfg_path.is_file() and (p / EXPORT_CONFIG).is_file():
-        return _load_export_dir(p)
-    if not cfg_path.is_file():
-        raise TrtcError(f"{p} has no {ENGINE_CONFIG}: it is not a trtc engine dir; "
+    if not (p / art.ENGINE_CONFIG).is_file() and not (p / art.EXPORT_CONFIG).is_file():
+        raise TrtcError(f"{p} has no {art.ENGINE_CONFIG}: it is not a trtc engine dir; "
                         f"build one with `trtc build --output {p}`")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtcError(f"{cfg_path} is not valid JSON ({e}); rebuild the engine dir") from e
-    if config.get("format_version") != FORMAT_VERSION or "fingerprint" not in config:
-        raise TrtcError(f"{cfg_path} is not a trtc engine config of format {FORMAT_VERSION}; "
-                        f"rebuild the engine dir with this trtc")
-    return EngineDir(path=p, config=config, spec=ModelSpec.from_dict(config["pretrained_config"]))
+    return EngineDir(path=p, config=art.read_dir_config(p))
 
 
-def _load_export_dir(p: Path) -> EngineDir:
-    try:
-        meta = json.loads((p / EXPORT_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise TrtcError(f"{p / EXPORT_CONFIG} is not valid JSON ({e}); re-run trtc export") from e
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TrtcError(f"{p} was exported by another trtc format ({meta.get('format_version')}); "
-                        f"re-run trtc export with this version")
-    ecfg = meta["export_config"]
-    seq = int(ecfg["max_seq_len"])
-    onnx = sorted(n for n in meta["files"] if n.startswith("rank") and n.endswith(".onnx"))
-    config = {**meta, "pretrained_config": {**meta["pretrained_config"], "dtype": ecfg["dtype"]},
-              "build_config": {"max_batch_size": EXPORT_DIR_BATCH, "max_input_len": seq, "max_seq_len": seq},
-              "onnx": {"0": onnx[0]} if onnx else None, "engines": None}
-    return EngineDir(path=p, config=config, spec=ModelSpec.from_dict(config["pretrained_config"]))
-
-
-def check_tensorrt_compat(ed: EngineDir, trt_module, flavour: str, gpu_sm: int | None) -> None:
-    """Raise TrtcError when this machine cannot run the engine (before deserializing it)."""
-    built = ed.config["tensorrt"]
-    if built["flavour"] != flavour:
-        raise TrtcError(f"{ed.path} was built with {built['flavour']} but this machine has {flavour}; "
-                        f"rebuild it here, or install {built['flavour']} {built['version']}")
-    have = trt_module.__version__
-    if have != built["version"]:
-        raise TrtcError(f"{ed.path} was built with {flavour} {built['version']} but {have} is installed; "
+def check_tensorrt_compat(ed: EngineDir, trt_module, flavour: str, gpu_sm: int | None) -> art.EngineFile:
+    """The engine (rank 0) this machine can run; TrtcError saying why when it cannot (before deserializing)."""
+    if not isinstance(ed.config, EngineConfig):
+        raise TrtcError(f"{ed.path} is an export dir and holds no engine; build one with `trtc build --model {ed.path}`")
+    built, trt_version = ed.config.tensorrt, trt_module.__version__
+    if built.flavour != flavour:
+        raise TrtcError(f"{ed.path} was built with {built.flavour} but this machine has {flavour}; "
+                        f"rebuild it here, or install {built.flavour} {built.version}")
+    if trt_version != built.version:
+        raise TrtcError(f"{ed.path} was built with {flavour} {built.version} but {trt_version} is installed; "
                         f"engines only load in the version that built them: rebuild, or install "
-                        f"{flavour}=={built['version']}")
+                        f"{flavour}=={built.version}")
     if gpu_sm is None:
         raise TrtcError("no CUDA GPU is visible (torch.cuda.is_available() is False); the TensorRT backend "
                         "needs one: use --backend onnxruntime with an engine dir built with --keep-onnx")
-    targets = [int(t.removeprefix("sm_")) for t in built["targets"]]
-    if gpu_sm not in targets:
-        raise TrtcError(f"{ed.path} was built for {', '.join(built['targets'])} but this GPU is sm_{gpu_sm}; "
+    engine = ed.engine(0, gpu_sm)
+    if engine is None:
+        raise TrtcError(f"{ed.path} was built for {', '.join(built.targets)} but this GPU is sm_{gpu_sm}; "
                         f"rebuild with --target sm_{gpu_sm}")
+    return engine

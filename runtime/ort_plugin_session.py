@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtc.compiler.passes.plugin_attention import BLOCK_TABLES, pool_names
+from trtc import artifact as art
 from trtc.errors import TrtcError
 from trtc.plugins import reference
 from trtc.plugins.schema import ACT_DTYPES, NAMESPACE, PAGED_ATTENTION, POOL_DTYPES, ROPE_KV_APPEND, PluginSpec
@@ -122,7 +122,7 @@ class OnnxRuntimePluginSession:
             self._tmp = Path(tempfile.mkdtemp(prefix="trtc-ort-plugin-"))
             model = onnx.load(str(path), load_external_data=False)
             _cast_plugins_to_f32(model)
-            _link_or_copy(ed.path / (onnx_file + ".data"), self._tmp / (onnx_file + ".data"))
+            _link_or_copy(ed.path / art.onnx_data(onnx_file), self._tmp / art.onnx_data(onnx_file))
             path = self._tmp / onnx_file
             onnx.save_model(model, str(path))
         try:
@@ -132,7 +132,7 @@ class OnnxRuntimePluginSession:
                 shutil.rmtree(self._tmp, ignore_errors=True)
         self.ed = ed
         s = ed.spec
-        self.names = pool_names(s.num_layers)
+        self.names = art.pool_names(s.num_layers)
         self.kv = PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                block_size=ed.kv_block_size, max_seq_len=ed.max_seq_len, dtype=_TYPES[ed.dtype])
 
@@ -142,10 +142,10 @@ class OnnxRuntimePluginSession:
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         self.kv.reserve(position_ids[:, -1] + 1)      # the graph's seq_lens
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), "position_ids": position_ids,
-                 BLOCK_TABLES: self.kv.block_tables()}
+        feeds = {art.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), art.POSITION_IDS: position_ids,
+                 art.BLOCK_TABLES: self.kv.block_tables()}
         for (past, _), pool in zip(self.names, self.kv.pools):
             feeds[past] = pool
-        outs = self.sess.run(["logits"] + [present for _, present in self.names], feeds)
+        outs = self.sess.run([art.LOGITS] + [present for _, present in self.names], feeds)
         self.kv.pools = list(outs[1:])
         return outs[0].astype(np.float32, copy=False)

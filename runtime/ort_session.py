@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from trtc import artifact as art
 from trtc.errors import TrtcError
 
 from .engine_dir import EngineDir
-from .session import cache_names
 
 _ORT_TYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -24,7 +24,7 @@ def checked_rank_graph(ed: EngineDir, no_graph_fix: str) -> str:
     if onnx_file is None:
         raise TrtcError(f"{ed.path} holds no ONNX rank graphs, which the onnxruntime backend runs; "
                         f"{no_graph_fix}")
-    ed.verify([onnx_file, onnx_file + ".data"])
+    ed.verify([onnx_file, art.onnx_data(onnx_file)])
     return onnx_file
 
 
@@ -49,7 +49,7 @@ class OnnxRuntimeSession:
             raise TrtcError(f"ONNX Runtime's CPU provider has no {ed.dtype} kernels for this graph; "
                             f"build with --dtype float16 or float32 to check numerics on CPU")
         so = session_options(threads)
-        if (ed.config.get("quantization") or {}).get("config"):
+        if ed.quantized:
             # Extended optimizations rewrite DequantizeLinear -> MatMul into kernels that also
             # quantize the activations (measured on SmolLM2 int8_wo: logits differ by up to 1.45,
             # 3.5% of argmaxes flip); the reference backend must compute the graph as written.
@@ -61,26 +61,26 @@ class OnnxRuntimeSession:
             if type(e).__name__ != "NotImplemented":
                 raise
             why = str(e).split("NOT_IMPLEMENTED : ")[-1]
-            algo = (ed.config.get("quantization") or {}).get("quant_algo")
+            algo = ed.config.quantization.get("quant_algo")
             raise TrtcError(f"ONNX Runtime {ort.__version__} cannot run {ed.path}'s rank graph"
                             f"{f' (--quant {algo})' if algo else ''}: {why}; run this engine dir with "
                             f"--backend tensorrt on a GPU of its target") from None
-        self.names = cache_names(ed.spec.num_layers)
+        self.names = art.cache_names(ed.spec.num_layers)
         self.cache: list = []
 
     def allocate(self, batch: int) -> None:
         import onnxruntime as ort
 
         s = self.ed.spec
-        shape = (batch, s.num_kv_heads, self.ed.max_seq_len, s.head_dim)
+        shape = art.cache_shape(batch, s.num_kv_heads, self.ed.max_seq_len, s.head_dim)
         zeros = np.zeros(shape, dtype=_ORT_TYPES[self.ed.dtype])
         self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy()) for _ in self.names]
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         io = self.sess.io_binding()
-        io.bind_output("logits")   # first, so it is get_outputs()[0]
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_output(art.LOGITS)   # first, so it is get_outputs()[0]
+        io.bind_cpu_input(art.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input(art.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         for (past, present), value in zip(self.names, self.cache):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)

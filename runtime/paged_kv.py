@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trtc import artifact as art
 from trtc.errors import TrtcError
 
 
@@ -36,7 +37,7 @@ class PagedKVCache:
     @property
     def max_blocks(self) -> int:
         """Block-table width: blocks of a sequence of max_seq_len tokens."""
-        return -(-self.max_seq_len // self.block_size)
+        return art.max_blocks(self.max_seq_len, self.block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -45,7 +46,7 @@ class PagedKVCache:
     def allocate(self, batch: int, num_blocks: int | None = None) -> None:
         """Fresh zeroed pools and empty tables for `batch` sequences."""
         n = batch * self.max_blocks if num_blocks is None else num_blocks
-        shape = (n, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        shape = art.pool_shape(n, self.num_kv_heads, self.block_size, self.head_dim)
         self.pools = [np.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         self.tables = [[] for _ in range(batch)]
         self.free = list(range(n - 1, -1, -1))   # hand out 0, 1, 2, ... in the order they are needed
@@ -56,7 +57,7 @@ class PagedKVCache:
             if length > self.max_seq_len:
                 raise TrtcError(f"sequence {b} needs {length} cache slots, more than max-seq-len "
                                 f"{self.max_seq_len}; re-export with a larger --max-seq-len")
-            need = -(-int(length) // self.block_size)
+            need = art.blocks_for(length, self.block_size)
             while len(self.tables[b]) < need:
                 if not self.free:
                     raise TrtcError(f"KV block pool exhausted ({self.num_blocks} blocks of {self.block_size} "

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from trtc.artifact import cache_names  # noqa: F401  (re-exported: the KV cache's graph I/O name pairs)
+
 
 class Session(Protocol):
     backend: str          # "onnxruntime" or "tensorrt"
@@ -24,8 +26,3 @@ class Session(Protocol):
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """input_ids, position_ids int64 [B, S] -> logits float32 [B, S, vocab]."""
 
-
-def cache_names(num_layers: int) -> list[tuple[str, str]]:
-    """(graph input, graph output) name pairs of the KV cache, in layer order."""
-    return [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(num_layers)
-            for kv in ("key", "value")]

@@ -31,23 +31,28 @@ def test_greedy_tokens_match_transformers(family, tiny_model, tiny_engine):
 
 
 def test_engine_dir_says_what_it_is(tiny_engine):
-    from trtc.compiler.package import sha256_file
+    from trtc.artifact import read_engine_config, sha256_file
 
     d = tiny_engine("llama")
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["pretrained_config"]["family"] == "llama"
     assert cfg["pretrained_config"]["tie_word_embeddings"] is True
     assert cfg["pretrained_config"]["rope_type"] == "llama3"
-    assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1, "ranks": [0]}
+    assert cfg["format_version"] == 2
+    assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1}
     assert cfg["tensorrt"]["flavour"] == "tensorrt_rtx" and cfg["tensorrt"]["targets"] == ["sm_89"]
-    assert [p["name"] for p in cfg["build_config"]["profiles"]] == ["prefill", "decode"]
-    assert cfg["build_config"]["profiles"][1]["shapes"]["input_ids"][2] == [4, 1]
+    assert cfg["engines"] == [{"rank": 0, "targets": ["sm_89"], "file": "rank0.engine"}]
+    assert cfg["onnx"] == [{"rank": 0, "file": "rank0.onnx", "data": "rank0.onnx.data"}]
+    assert [p["name"] for p in cfg["profiles"]] == ["prefill", "decode"]
+    assert cfg["profiles"][1]["shapes"]["input_ids"][2] == [4, 1]
     assert len(cfg["fingerprint"]) == 16
     names = {i["name"] for i in cfg["io"]["inputs"]}
     assert names == {"input_ids", "position_ids"} | {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
     for name, entry in cfg["files"].items():
         assert sha256_file(d / name) == entry["sha256"], name
     assert {"rank0.engine", "rank0.onnx", "rank0.onnx.data", "tokenizer.json"} <= set(cfg["files"])
+    assert set(cfg["tokenizer_files"]) == {n for n in cfg["files"] if not n.startswith("rank")}
+    assert read_engine_config(d).pretrained_config.family == "llama"     # the typed reader accepts it
 
 
 def test_streaming_single_prompt(tiny_engine):

@@ -149,7 +149,7 @@ def test_prompt_longer_than_max_input_len(tiny_engine):
 
 def test_no_engine_backend_available(engine_copy):
     cfg = json.loads((engine_copy / "config.json").read_text())
-    cfg["onnx"] = None
+    cfg["onnx"] = []
     (engine_copy / "config.json").write_text(json.dumps(cfg))
     assert_user_error(trtc("run", engine_copy, "--prompt", "hi"), "TensorRT is not usable here", "--keep-onnx")
 

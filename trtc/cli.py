@@ -211,7 +211,7 @@ def run(engine_dir, prompts, max_new_tokens, temperature, top_k, top_p, seed, ch
 @click.option("--json", "as_json", is_flag=True, help='Print {"perplexity", "reference_perplexity", "top1_agreement", ...}.')
 def eval_(engine_dir, text_file, reference, no_reference, window, backend, as_json):
     """Perplexity of an engine dir's model on a text, and top-1 agreement with its source model."""
-    from trtc.runtime.eval import evaluate
+    from trtc.eval import evaluate
 
     r = evaluate(engine_dir, text_file, reference=reference, backend=backend, window=window,
                  no_reference=no_reference)
@@ -235,6 +235,15 @@ def inspect(path, verify, as_json):
 
     d = describe(path, verify=verify)
     click.echo(json.dumps(d, indent=2) if as_json else format_text(d))
+
+
+@main.command()
+def schema():
+    """Print the JSON Schema of an engine dir's config.json (validate artifacts in your own CI)."""
+    from trtc.artifact import SCHEMA_FILE
+    from trtc.bundled import read_text
+
+    click.echo(read_text(SCHEMA_FILE), nl=False)
 
 
 if __name__ == "__main__":

@@ -5,43 +5,52 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trtc.compiler.package import ENGINE_CONFIG, EXPORT_CONFIG, read_json, verify_files
-from trtc.errors import TrtcError
+from trtc import artifact as art
+from trtc.artifact import EngineConfig
+from trtc.typed_json import to_json
+
+_MODEL_FIELDS = ("family", "architecture", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                 "vocab_size", "rope_type", "sliding_window")
 
 
 def describe(path: Path, verify: bool = False) -> dict:
-    if (path / ENGINE_CONFIG).is_file():
-        kind, cfg = "engine dir", read_json(path / ENGINE_CONFIG, "engine dir")
-    elif (path / EXPORT_CONFIG).is_file():
-        kind, cfg = "export dir", read_json(path / EXPORT_CONFIG, "export dir")
-    else:
-        raise TrtcError(f"{path} has neither {ENGINE_CONFIG} (engine dir) nor {EXPORT_CONFIG} (export dir); "
-                        f"pass a dir written by trtc build or trtc export")
+    cfg = art.read_dir_config(path)
+    engine = isinstance(cfg, EngineConfig)
+    kind = "engine dir" if engine else "export dir"
     if verify:
-        verify_files(path, cfg["files"], rebuild_hint=f"rebuild the {kind}")
-    spec = cfg["pretrained_config"]
-    out = {
-        "path": str(path), "kind": kind, "trtc_version": cfg.get("trtc_version"),
-        "fingerprint": cfg.get("fingerprint"),
-        "model": {k: spec.get(k) for k in ("family", "architecture", "num_layers", "hidden_size", "num_heads",
-                                           "num_kv_heads", "head_dim", "vocab_size", "rope_type", "sliding_window")},
-        "dtype": spec.get("dtype") or cfg.get("export_config", {}).get("dtype"),
-        "quantization": cfg.get("quantization"),
-        "attention": cfg.get("attention", cfg.get("export_config", {}).get("attention", "native")),
-        "tensorrt": cfg.get("tensorrt"),
-        "limits": {k: cfg["build_config"][k] for k in ("max_batch_size", "max_input_len", "max_seq_len")}
-        if "build_config" in cfg else {"max_seq_len": cfg["export_config"]["max_seq_len"]},
-        "source": cfg.get("source"),
-        "files": {n: e["size"] for n, e in cfg["files"].items()},
+        art.verify_files(path, cfg.files, rebuild_hint=f"rebuild the {kind}",
+                         config_name=art.ENGINE_CONFIG if engine else art.EXPORT_CONFIG)
+    spec = cfg.pretrained_config
+    if isinstance(cfg, EngineConfig):
+        b = cfg.build_config
+        limits = {"max_batch_size": b.max_batch_size, "max_input_len": b.max_input_len, "max_seq_len": b.max_seq_len}
+    else:
+        limits = {"max_seq_len": cfg.export_config.max_seq_len}
+    sizes = {n: e.size for n, e in cfg.files.items()}
+    return {
+        "path": str(path), "kind": kind, "format_version": cfg.format_version, "trtc_version": cfg.trtc_version,
+        "fingerprint": cfg.fingerprint if isinstance(cfg, EngineConfig) else None,
+        "model": {k: getattr(spec, k) for k in _MODEL_FIELDS},
+        "dtype": cfg.export_config.dtype,
+        "quantization": cfg.quantization,
+        "attention": cfg.export_config.attention,
+        "tensorrt": to_json(cfg.tensorrt) if isinstance(cfg, EngineConfig) else None,
+        "mapping": to_json(cfg.mapping),
+        "engines": [{**to_json(e), "size": sizes.get(e.file)} for e in cfg.engines]
+        if isinstance(cfg, EngineConfig) else [],
+        "limits": limits,
+        "source": to_json(cfg.source),
+        "files": sizes,
         "verified": verify,
     }
-    return out
 
 
 def format_text(d: dict) -> str:
     m = d["model"]
+    mp = d["mapping"]
     lines = [
-        f"{d['path']}: trtc {d['kind']} (trtc {d['trtc_version']}, fingerprint {d['fingerprint']})",
+        f"{d['path']}: trtc {d['kind']} (format {d['format_version']}, trtc {d['trtc_version']}"
+        + (f", fingerprint {d['fingerprint']})" if d["fingerprint"] else ")"),
         f"  model      {m['architecture']} ({m['family']}): {m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"heads {m['num_heads']}/{m['num_kv_heads']} kv, head_dim {m['head_dim']}, vocab {m['vocab_size']}, "
         f"rope {m['rope_type']}" + (f", sliding window {m['sliding_window']}" if m.get("sliding_window") else ""),
@@ -49,12 +58,16 @@ def format_text(d: dict) -> str:
         f"  quant      {d['quantization']}",
         f"  attention  {d['attention']}",
         f"  limits     " + ", ".join(f"{k} {v}" for k, v in d["limits"].items()),
+        f"  mapping    world size {mp['world_size']} (tp {mp['tp_size']}, pp {mp['pp_size']})",
     ]
     if d["tensorrt"]:
         t = d["tensorrt"]
         lines.append(f"  tensorrt   {t['flavour']} {t['version']}, targets {', '.join(t['targets'])}")
-    if d["source"]:
-        lines.append(f"  source     {d['source'].get('model')} (weights sha256 {str(d['source'].get('weights_sha256'))[:16]}...)")
+    for e in d["engines"]:
+        size = f"{e['size'] / 2**20:.1f} MiB" if e["size"] is not None else "size unknown"
+        lines.append(f"  engine     rank {e['rank']}: {e['file']} ({size}), targets {', '.join(e['targets'])}")
+    src = d["source"]
+    lines.append(f"  source     {src.get('model')} (weights sha256 {str(src.get('weights_sha256'))[:16]}...)")
     for n, size in d["files"].items():
         lines.append(f"  file       {n} ({size / 2**20:.1f} MiB)")
     lines.append("  checksums  " + ("all files verified" if d["verified"] else "not checked (use --verify)"))

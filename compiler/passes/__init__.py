@@ -27,7 +27,7 @@ class PassContext:
     check: Callable | None = None             # graph check run after every pass (tests)
     stats: dict[str, int] = field(default_factory=dict)   # pass name -> number of rewrites
     attention: str = "native"                 # "native" | "plugin": which pipeline runs
-    kv_block_size: int = 16                   # tokens per KV block (plugin form only)
+    kv_block_size: int | None = None          # tokens per KV block (plugin form only)
 
 
 PassFn = Callable[["object", PassContext], "object"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from trtc.artifact import POSITION_IDS
+
 
 def producer(tensor):
     """The node that produces `tensor`, or None for graph inputs and constants."""
@@ -74,7 +76,7 @@ def eval_on_positions(graph, tensors, max_seq_len: int, fallback_dtype) -> list:
 
     sub = graph.copy()
     st = sub.tensors()
-    sub.inputs = [st["position_ids"]]
+    sub.inputs = [st[POSITION_IDS]]
     outs, bf16 = [], []
     for src in tensors:
         t = st[src.name]
@@ -89,5 +91,5 @@ def eval_on_positions(graph, tensors, max_seq_len: int, fallback_dtype) -> list:
     sub.outputs = outs
     sub.cleanup(remove_unused_graph_inputs=True).toposort()
     sess = ort.InferenceSession(gs.export_onnx(sub).SerializeToString(), providers=["CPUExecutionProvider"])
-    vals = sess.run([t.name for t in outs], {"position_ids": np.arange(max_seq_len, dtype=np.int64)[None]})
+    vals = sess.run([t.name for t in outs], {POSITION_IDS: np.arange(max_seq_len, dtype=np.int64)[None]})
     return [v.astype(ml_dtypes.bfloat16) if b else v for v, b in zip(vals, bf16)]

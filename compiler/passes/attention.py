@@ -14,6 +14,8 @@ layers. Attention's is_causal would be wrong here: ONNX defines it with upper-le
 
 from __future__ import annotations
 
+from trtc.artifact import POSITION_IDS, past_name
+
 from . import PassContext, register_pass
 from ._match import const_values, graph_input, producer_op
 
@@ -58,8 +60,8 @@ def attention_mask_from_positions(graph, ctx: PassContext):
     import onnx_graphsurgeon as gs
 
     attn = [n for n in graph.nodes if n.op == "Attention"]
-    cache = graph_input(graph, "past_key_values.0.key")
-    pos = graph_input(graph, "position_ids")
+    cache = graph_input(graph, past_name(0, "key"))
+    pos = graph_input(graph, POSITION_IDS)
     if not attn or cache is None or pos is None:
         ctx.stats["attention_mask_from_positions"] = 0
         return graph

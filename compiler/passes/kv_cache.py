@@ -12,12 +12,14 @@ Slots past a sequence's length hold stale values; the attention mask built from 
 
 from __future__ import annotations
 
+from trtc.artifact import PAST_PREFIX, POSITION_IDS
+
 from . import PassContext, register_pass
 from ._match import graph_input
 
 
 def _is_past_input(t, graph) -> bool:
-    return t.name.startswith("past_key_values.") and graph_input(graph, t.name) is not None
+    return t.name.startswith(PAST_PREFIX) and graph_input(graph, t.name) is not None
 
 
 @register_pass("kv_cache_scatter")
@@ -43,7 +45,7 @@ def kv_cache_scatter(graph, ctx: PassContext):
     for d in graph.import_domains or []:
         if d.domain in ("", "ai.onnx"):
             d.version = max(d.version, 24)
-    pos = graph_input(graph, "position_ids")
+    pos = graph_input(graph, POSITION_IDS)
     write_idx = gs.Variable("kv_write_indices", dtype=np.int64, shape=["batch"])
     graph.nodes.append(gs.Node(
         "Gather", "kv_write_indices_gather", attrs={"axis": 1},

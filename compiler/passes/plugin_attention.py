@@ -39,25 +39,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from trtc.artifact import BLOCK_TABLES, DEFAULT_KV_BLOCK_SIZE, INPUT_IDS, PAST_PREFIX, POSITION_IDS, max_blocks, past_name, pool_names
 from trtc.errors import TrtcError
 from trtc.plugins.schema import NAMESPACE, PAGED_ATTENTION, ROPE_KV_APPEND, PluginSpec
 
 from . import PassContext, register_pass
 from ._match import graph_input, producer
 
-BLOCK_TABLES = "block_tables"
 # Attributes that TensorRT's ONNX parser reads to find a tensorrt.plugin plugin (ONNX node op =
 # plugin name); the reference backend ignores them. See plugins/tensorrt_plugin.py.
 TRT_NODE_ATTRS = ("plugin_namespace", "plugin_version", "aot")
-
-
-def pool_names(num_layers: int) -> list[tuple[str, str]]:
-    """(graph input, graph output) names of the per-layer block pools, in layer order."""
-    return [(f"past_kv_pool.{i}", f"present_kv_pool.{i}") for i in range(num_layers)]
-
-
-def max_blocks(max_seq_len: int, block_size: int) -> int:
-    return -(-max_seq_len // block_size)
 
 
 @dataclass
@@ -86,7 +77,7 @@ def _rope(t, graph, ctx: PassContext, what: str):
     node = producer(t)
     if node is None or node.op != "RotaryEmbedding":
         raise _Miss(f"{what} is not produced by RotaryEmbedding")
-    if len(node.inputs) != 4 or node.inputs[3].name != "position_ids" or graph_input(graph, "position_ids") is None:
+    if len(node.inputs) != 4 or node.inputs[3].name != POSITION_IDS or graph_input(graph, POSITION_IDS) is None:
         raise _Miss(f"{node.name}: rotary without a position-indexed cos/sin cache (rotary_cache did not apply)")
     if int(node.attrs.get("interleaved", 0)) != 0:
         raise _Miss(f"{node.name}: interleaved rotary (the plugins rotate halves, NeoX/HF Llama style)")
@@ -108,7 +99,7 @@ def _scatter(t, graph, kind: str):
     if node is None or node.op != "TensorScatter":
         raise _Miss(f"attention {kind} is not a TensorScatter-updated cache")
     past = node.inputs[0]
-    if not past.name.startswith("past_key_values.") or not past.name.endswith("." + kind) \
+    if not past.name.startswith(PAST_PREFIX) or not past.name.endswith("." + kind) \
             or graph_input(graph, past.name) is None:
         raise _Miss(f"{node.name}: updates {past.name}, not a past_key_values.*.{kind} graph input")
     if int(node.attrs.get("axis", -2)) != -2 or node.attrs.get("mode", "linear") != "linear":
@@ -136,7 +127,7 @@ def _match(attn, graph, ctx: PassContext) -> LayerMatch:
     if (rope_k.inputs[1].name, rope_k.inputs[2].name) != (rope_q.inputs[1].name, rope_q.inputs[2].name):
         raise _Miss("query and key use different cos/sin caches")
     layer = past_k.name.split(".")[1]
-    if past_v.name != f"past_key_values.{layer}.value":
+    if past_v.name != past_name(layer, "value"):
         raise _Miss(f"key cache {past_k.name} and value cache {past_v.name} are of different layers")
     outs = {t.name for t in graph.outputs}
     for present in (present_k, present_v):
@@ -218,10 +209,10 @@ def plugin_attention(graph, ctx: PassContext):
         raise TrtcError(f"--attention plugin: {e}; use --attention native") from None
 
     # ---- the graph matches: rewrite (nothing above modified it) ----
-    hq, hkv, d, bs = spec.num_heads, spec.num_kv_heads, spec.head_dim, ctx.kv_block_size
+    hq, hkv, d, bs = spec.num_heads, spec.num_kv_heads, spec.head_dim, ctx.kv_block_size or DEFAULT_KV_BLOCK_SIZE
     act = matches[0].past_k.dtype
     i64, i32 = np.int64, np.int32
-    ids, pos = graph_input(graph, "input_ids"), graph_input(graph, "position_ids")
+    ids, pos = graph_input(graph, INPUT_IDS), graph_input(graph, POSITION_IDS)
 
     def const(name, v):
         return gs.Constant(f"plugin_{name}", np.asarray(v))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 
+from trtc.artifact import POSITION_IDS
+
 from . import PassContext, register_pass
 from ._match import eval_on_positions, graph_input, graph_inputs_reached
 
@@ -25,12 +27,12 @@ def rotary_cache(graph, ctx: PassContext):
     import numpy as np
     import onnx_graphsurgeon as gs
 
-    pos = graph_input(graph, "position_ids")
+    pos = graph_input(graph, POSITION_IDS)
     targets = []
     for node in graph.nodes:
         if node.op != "RotaryEmbedding" or len(node.inputs) != 3 or pos is None:
             continue
-        if all(graph_inputs_reached(t, graph) == {"position_ids"} for t in node.inputs[1:3]):
+        if all(graph_inputs_reached(t, graph) == {POSITION_IDS} for t in node.inputs[1:3]):
             targets.append(node)
     if not targets:
         ctx.stats["rotary_cache"] = 0

@@ -16,6 +16,8 @@ refuses the layer; the native form runs the elementwise ops as exported).
 
 from __future__ import annotations
 
+from trtc.artifact import POSITION_IDS
+
 from . import PassContext, register_pass
 from ._match import const_values, eval_on_positions, graph_input, graph_inputs_reached, producer_op
 
@@ -106,11 +108,11 @@ def fuse_rotary(graph, ctx: PassContext):
 
     d = ctx.spec.head_dim
     found = []
-    if graph_input(graph, "position_ids") is not None:
+    if graph_input(graph, POSITION_IDS) is not None:
         for node in graph.nodes:
             if node.op == "Add" and len(node.inputs) == 2:
                 m = _match(node, d)
-                if m is not None and all(graph_inputs_reached(t, graph) == {"position_ids"} for t in m[2:]):
+                if m is not None and all(graph_inputs_reached(t, graph) == {POSITION_IDS} for t in m[2:]):
                     found.append(m)
     if found:
         ok = _halves_equal(graph, list({t.name: t for m in found for t in m[2:]}.values()), ctx.max_seq_len,

@@ -14,7 +14,7 @@ from trtc.errors import TrtcError
 def test_half_precision_builds(dtype, tiny_engine):
     d = tiny_engine("qwen3", dtype)
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["pretrained_config"]["dtype"] == dtype
+    assert cfg["export_config"]["dtype"] == dtype
     assert (d / "rank0.engine").stat().st_size > 0
     # Half-precision exports leave rotary decomposed; fuse_rotary + rotary_cache still lower all
     # 2 layers x (q, k) to RotaryEmbedding with a precomputed cache.
@@ -48,7 +48,7 @@ def test_export_dir_then_build(tmp_path, tiny_model, rtx_flavour):
     out, times = build_model(str(exp), tmp_path / "eng", rtx_flavour, ("sm_86", "sm_120"),
                              max_batch_size=2, max_input_len=16)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tensorrt"]["targets"] == ["sm_86", "sm_120"] and cfg["onnx"] is None
+    assert cfg["tensorrt"]["targets"] == ["sm_86", "sm_120"] and cfg["onnx"] == []
     assert [r[0] for r in times.rows] == ["load", "build", "package"]
 
 

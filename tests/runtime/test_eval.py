@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from trtc.cli import main
 from trtc.errors import TrtcError
-from trtc.runtime.eval import evaluate, windows_of
+from trtc.eval import evaluate, windows_of
 
 
 def test_windows_cover_the_text():

@@ -1,4 +1,5 @@
-"""`trtc eval`: perplexity of an engine dir's model on a text, and top-1 next-token agreement with
+"""`trtc eval` (a tool over both halves: it runs an engine dir through the runtime and loads the
+source model through the compiler's loader): perplexity of an engine dir's model on a text, and top-1 next-token agreement with
 the unquantized source model.
 
 The text is tokenized once and cut into non-overlapping windows of up to `window` tokens; each
@@ -83,8 +84,8 @@ def evaluate(engine_dir: str | Path, text_file: str | Path | None = None, refere
              backend: str = "auto", window: int | None = None, no_reference: bool = False) -> EvalResult:
     from transformers import AutoTokenizer
 
-    from .api import open_session
-    from .engine_dir import load_engine_dir
+    from trtc.runtime.api import open_session
+    from trtc.runtime.engine_dir import load_engine_dir
 
     ed = load_engine_dir(engine_dir)
     path = Path(text_file) if text_file is not None else data_file(EVAL_TEXT)
@@ -104,7 +105,7 @@ def evaluate(engine_dir: str | Path, text_file: str | Path | None = None, refere
     ref_model = None
     ref_name = None
     if not no_reference:
-        ref_name = reference or ed.config.get("source", {}).get("hf_dir") or ed.config.get("source", {}).get("model")
+        ref_name = reference or ed.config.source.hf_dir or ed.config.source.model
         if not ref_name:
             raise TrtcError(f"{ed.path} records no source model; pass --reference MODEL")
         ref_model = _reference_model(ref_name)
