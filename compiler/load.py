@@ -132,10 +132,12 @@ def load_torch_model(loaded: LoadedModel, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             loaded.hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    except Exception as e:  # safetensors/torch raise many types for truncated or corrupt files
+    except (OSError, ValueError, EOFError, SafetensorError) as e:  # truncated or corrupt weight files
         raise TrtcError(f"cannot load the weights in {loaded.hf_dir}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}; re-copy or re-save the model dir") from e
     return model.eval()
@@ -150,7 +152,7 @@ def save_tokenizer(src: Path, dst: Path) -> list[str]:
     before = {p.name for p in dst.iterdir()}
     try:
         tok = AutoTokenizer.from_pretrained(src)
-    except Exception as e:
+    except (OSError, ValueError, KeyError) as e:   # missing/corrupt tokenizer files (JSONDecodeError is a ValueError)
         raise TrtcError(f"cannot load the tokenizer in {src} ({type(e).__name__}: {e}); "
                         f"save it with tokenizer.save_pretrained()") from e
     tok.save_pretrained(dst)
@@ -176,7 +178,7 @@ def _gguf_to_hf_dir(gguf: Path, out: Path) -> None:
         reader = GGUFReader(str(gguf))
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
-    except Exception as e:
+    except (OSError, ValueError, KeyError, IndexError) as e:   # not GGUF, truncated, or no architecture field
         raise TrtcError(f"{gguf} is not a readable GGUF file ({type(e).__name__}: {e})") from e
     adapter_for_gguf(arch)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -212,7 +214,7 @@ def _convert_once(gguf: Path, final: Path, what: str) -> Path:
 
 
 def prepare_gguf(gguf: Path) -> Path:
-    from .package import sha256_file
+    from trtc.artifact import sha256_file
 
     return _convert_once(gguf, cache_dir() / "models" / f"gguf-{sha256_file(gguf)[:16]}", "a Hugging Face dir")
 

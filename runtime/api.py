@@ -81,7 +81,7 @@ class LLM:
         self.session = open_session(ed, backend)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(ed.path)
-        except Exception as e:
+        except (OSError, ValueError, KeyError) as e:   # missing/corrupt tokenizer files
             raise TrtcError(f"cannot load the tokenizer files in {ed.path} ({type(e).__name__}: {e}); "
                             f"rebuild the engine dir") from e
         eos = set(ed.spec.eos_token_ids)

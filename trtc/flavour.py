@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from trtc.errors import TrtcError
+
+if TYPE_CHECKING:
+    # The type check (tests/test_typecheck.py) reads `tensorrt`'s stubs for both flavours: TensorRT-RTX
+    # has the same Python API. Code that uses the module from import_trt() writes
+    #     if TYPE_CHECKING: import tensorrt as trt
+    #     else: trt = import_trt(flavour)
+    # so its TensorRT calls are checked against the stubs.
+    import tensorrt
+
+    _ILogger = tensorrt.ILogger
+else:
+    _ILogger = object    # the flavour's ILogger is mixed in by make_logger()
 
 
 @dataclass(frozen=True)
@@ -74,33 +88,42 @@ def resolve_flavour(name: str = "auto") -> Flavour:
                     '(builds on CPU) or full TensorRT with `pip install -e ".[tensorrt]"`')
 
 
-def import_trt(flavour: Flavour):
+def import_trt(flavour: Flavour) -> ModuleType:
     try:
-        return importlib.import_module(flavour.module)
-    except Exception as e:  # ImportError, or OSError from a missing libnvinfer
+        module = importlib.import_module(flavour.module)
+    except (ImportError, OSError) as e:  # not installed, or a missing/mismatched libnvinfer
         raise TrtcError(f"{flavour.name} is not importable ({type(e).__name__}: {e}); "
                         f"install it with {flavour.pip_extra}") from e
+    if getattr(module, "__file__", None) is None:
+        # A namespace package: a directory of that name without the library, e.g. the .pyi files
+        # of tensorrt-stubs (installed for the type check) without TensorRT itself.
+        raise TrtcError(f"{flavour.name} is not installed (`import {flavour.module}` finds only "
+                        f"{', '.join(getattr(module, '__path__', []))}, no library); install it with {flavour.pip_extra}")
+    return module
 
 
 def trt_version(flavour: Flavour) -> str:
     return import_trt(flavour).__version__
 
 
-def make_logger(trt, min_severity=None):
-    """A TensorRT logger that keeps messages for error reports and drops one known false alarm."""
+class TrtLogger(_ILogger):
+    """A TensorRT logger that keeps messages for error reports and drops one known false alarm.
+    Its base at run time is the flavour's ILogger (make_logger); for the type checker, tensorrt's."""
 
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[str, str]] = []
+    def __init__(self) -> None:
+        super().__init__()      # the flavour's ILogger.__init__: TensorRT's trampoline needs it
+        self.messages: list[tuple[str, str]] = []
 
-        def log(self, severity, msg):
-            # Logged once per process on machines without a GPU; harmless for building.
-            if "cudaError 35" in msg or "CUDA driver version is insufficient" in msg:
-                return
-            self.messages.append((str(severity), msg))
+    def log(self, severity: tensorrt.ILogger.Severity, msg: str) -> None:
+        # Logged once per process on machines without a GPU; harmless for building.
+        if "cudaError 35" in msg or "CUDA driver version is insufficient" in msg:
+            return
+        self.messages.append((str(severity), msg))
 
-        def errors(self) -> list[str]:
-            return [m for s, m in self.messages if "ERROR" in s]
+    def errors(self) -> list[str]:
+        return [m for s, m in self.messages if "ERROR" in s]
 
-    return Logger()
+
+def make_logger(trt: ModuleType, min_severity: object = None) -> TrtLogger:
+    logger: TrtLogger = type("TrtLogger", (TrtLogger, trt.ILogger), {})()
+    return logger
