@@ -3,7 +3,9 @@
 Prompts of different lengths run as one batch: right-padded in prefill (padding tokens write
 stale cache slots past each sequence's length, which the position-based mask never shows and
 decode overwrites), then every sequence decodes at its own position. A sequence stops at one of
-the EOS ids or after max_new_tokens; the batch stops when all have.
+the EOS ids or after max_new_tokens; once one stops, the session drops its row (`Session.keep`:
+its KV cache rows, or its paged blocks), so decode steps compute only the sequences still running.
+The batch stops when all have.
 """
 
 from __future__ import annotations
@@ -52,26 +54,26 @@ def generate_ids(session: Session, prompts: list[list[int]], *, max_new_tokens: 
     session.allocate(B)
     logits = session.step(ids, pos)
     last = logits[np.arange(B), lens - 1]
-    cur = lens.copy()               # next position (= tokens in cache) per sequence
+    cur = lens.copy()               # next position (= tokens in cache) per row of the session's batch
+    rows = list(range(B))           # row r of the session's batch is sequence rows[r]
     while True:
         tokens = sampler(last)
-        for i, s in enumerate(seqs):
-            if s.finish_reason is not None:
-                continue
-            t = int(tokens[i])
+        for r, i in enumerate(rows):
+            s, t = seqs[i], int(tokens[r])
             s.generated.append(t)
             if on_token is not None:
                 on_token(i, t)
             if t in eos:
                 s.finish_reason = "stop"
-            elif len(s.generated) >= max_new_tokens or cur[i] >= max_seq_len:
-                # cur[i] is the cache slot this token would take in the next step
+            elif len(s.generated) >= max_new_tokens or cur[r] >= max_seq_len:
+                # cur[r] is the cache slot this token would take in the next step
                 s.finish_reason = "length"
-        if all(s.finish_reason is not None for s in seqs):
+        running = [r for r, i in enumerate(rows) if seqs[i].finish_reason is None]
+        if not running:
             return seqs
-        # Finished sequences keep stepping (their outputs are ignored) so the batch stays whole;
-        # clamp their position so the cache write stays inside the buffer.
-        step_pos = np.minimum(cur, max_seq_len - 1)[:, None]
-        logits = session.step(tokens[:, None], step_pos)
+        if len(running) < len(rows):
+            session.keep(running)
+            rows, tokens, cur = [rows[r] for r in running], tokens[running], cur[running]
+        logits = session.step(tokens[:, None], cur[:, None])
         last = logits[:, 0]
         cur = cur + 1

@@ -139,6 +139,9 @@ class OnnxRuntimePluginSession:
     def allocate(self, batch: int) -> None:
         self.kv.allocate(batch)
 
+    def keep(self, rows: list[int]) -> None:
+        self.kv.keep(rows)
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         self.kv.reserve(position_ids[:, -1] + 1)      # the graph's seq_lens

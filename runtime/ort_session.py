@@ -76,6 +76,11 @@ class OnnxRuntimeSession:
         zeros = np.zeros(shape, dtype=_ORT_TYPES[self.ed.dtype])
         self.cache = [ort.OrtValue.ortvalue_from_numpy(zeros.copy()) for _ in self.names]
 
+    def keep(self, rows: list[int]) -> None:
+        import onnxruntime as ort
+
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in self.cache]
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         io = self.sess.io_binding()
         io.bind_output(art.LOGITS)   # first, so it is get_outputs()[0]

@@ -69,6 +69,12 @@ class PagedKVCache:
         self.free.extend(reversed(self.tables[b]))
         self.tables[b] = []
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these sequences (in this order); the others' blocks return to the free list."""
+        for b in sorted(set(range(len(self.tables))) - set(rows)):
+            self.release(b)
+        self.tables = [self.tables[b] for b in rows]
+
     def block_tables(self) -> np.ndarray:
         out = np.full((len(self.tables), self.max_blocks), -1, dtype=np.int32)
         for b, t in enumerate(self.tables):

@@ -26,3 +26,6 @@ class Session(Protocol):
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """input_ids, position_ids int64 [B, S] -> logits float32 [B, S, vocab]."""
 
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch (in this order): later steps have len(rows) rows."""
+

@@ -36,3 +36,14 @@ def test_pool_exhausted_and_too_long():
         kv.reserve([17, 16])
     with pytest.raises(TrtcError, match="max-seq-len"):
         cache().reserve([41])
+
+
+def test_keep_drops_finished_sequences_and_frees_their_blocks():
+    kv = cache()
+    kv.allocate(3)
+    kv.reserve([17, 5, 33])                  # [0, 1], [2], [3, 4, 5]
+    kv.keep([2, 0])                          # sequence 1 finished; the rest in a new order
+    assert kv.tables == [[3, 4, 5], [0, 1]] and kv.block_tables().shape == (2, 3)
+    assert sorted(kv.free)[:1] == [2]        # its block is free again
+    kv.reserve([34, 18])
+    assert kv.tables[0][-1] == 2 or kv.tables[1][-1] == 2
