@@ -1,0 +1,118 @@
+"""Per-mode weight recipes: the grid each `--quant` mode stores and the calibration-based steps
+that choose the grid and the rounding (the algorithms are in quant_algos.py).
+
+Weights are in the ONNX MatMul layout [K, N] (K input channels = rows).
+  int8_wo   int8 symmetric, one scale per output column; GPTQ rounding.
+  int8_awq  int8_wo after AWQ input-channel scales.
+  int4_rtn  int4 affine per group of `group_size` rows (w ~ s * u + lo, u in 0..15, Q4_1-style);
+            round to nearest. TensorRT rejects non-zero zero points, so the graph stores u - 8 and
+            adds the offset back in a separate MatMul (quant_rewrite.py).
+  int4_awq  int4_rtn's grid after AWQ scales, AWQ's clipping search, GPTQ rounding.
+  fp8       FP8 e4m3 per output column, GPTQ rounding (activations: per-tensor, see quant_rewrite.py).
+  nvfp4     FP4 e2m1 in blocks of 16 rows, FP8 e4m3 block scales, one fp32 global scale; no
+            calibration (`quant_nvfp4`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import quant_algos as qa
+from .quant_algos import FP8_MAX, INT8_MAX
+
+if TYPE_CHECKING:
+    from .calibrate import ActStats
+
+NVFP4_BLOCK = 16       # input rows per FP8 block scale
+FP4_MAX = 6.0          # largest e2m1 magnitude
+
+
+@dataclass(frozen=True)
+class Recipe:
+    grid: str              # int8 (symmetric, per output channel) | int4 (affine, per group) | fp8
+    awq: bool = False      # activation-aware input-channel scales, alpha searched
+    clip: bool = False     # per-group range clipping, ratio searched on calibration rows
+    gptq: bool = False     # GPTQ rounding with the layer's input Hessian
+    weights: str = ""      # config.json description
+
+    @property
+    def calibrated(self) -> bool:      # fp8 also calibrates its activation scales
+        return self.awq or self.clip or self.gptq or self.grid == "fp8"
+
+
+_INT4 = "int4 affine (scale and float offset per group of input rows): int4 values in a blockwise " \
+        "DequantizeLinear, the offset added back as (x summed per group) @ offset"
+RECIPES = {
+    "int8_wo": Recipe("int8", gptq=True,
+                      weights="int8 symmetric, per-output-channel scales, GPTQ rounding"),
+    "int8_awq": Recipe("int8", awq=True, gptq=True,
+                       weights="int8 symmetric, per-output-channel scales, activation-aware input "
+                               "scaling (AWQ), GPTQ rounding"),
+    "int4_rtn": Recipe("int4", weights=_INT4 + "; round to nearest"),
+    "int4_awq": Recipe("int4", awq=True, clip=True, gptq=True,
+                       weights=_INT4 + "; activation-aware input scaling (AWQ), clipping search, GPTQ rounding"),
+    "fp8": Recipe("fp8", gptq=True, weights="fp8 e4m3, per-output-channel scales, GPTQ rounding"),
+}
+
+
+def grid_of(algo: str, group_size: int) -> qa.Grid:
+    kind = RECIPES[algo].grid
+    if kind == "int8":
+        return qa.Grid("int", -int(INT8_MAX), int(INT8_MAX), 0)
+    if kind == "int4":
+        return qa.Grid("int", 0, 15, group_size)
+    return qa.Grid("fp8", 0, 0, 0)
+
+
+def quantize_weight(w: np.ndarray, algo: str, grid: qa.Grid, st: ActStats | None,
+                    s: np.ndarray | None = None):
+    """(stored values, scales [G, N], offsets [G, N] or None) of w [K, N] (already multiplied by
+    the AWQ scales `s`, whose inverse the activation gets)."""
+    r = RECIPES[algo]
+    s = np.ones(w.shape[0], np.float32) if s is None else s
+    clip = 1.0
+    if r.clip:
+        clip = qa.clip_search(w, np.concatenate(st.rows) / s, grid)
+    if r.gptq:
+        return qa.gptq(w, st.hessian / np.outer(s, s), grid, clip=None if not r.clip else clip)
+    return qa.rtn(w, grid, clip)
+
+
+def qdq(algo: str, group_size: int):
+    """[K, N] -> the weight as the graph will see it after round-to-nearest (for searches)."""
+    grid = grid_of(algo, group_size)
+
+    def f(w):
+        q, sc, lo = qa.rtn(w, grid)
+        return qa.dequantize(q, grid, sc, lo)
+    return f
+
+
+def quant_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """FP4 e2m1 values, FP8 e4m3 block scales [K/16, N], fp32 global scale (NVFP4 recipe)."""
+    import ml_dtypes
+
+    K, N = w.shape
+    wb = w.reshape(K // NVFP4_BLOCK, NVFP4_BLOCK, N)
+    block = np.maximum(np.abs(wb).max(1), 1e-12) / FP4_MAX                  # [K/16, N] float
+    gscale = np.float32(max(float(block.max()), 1e-12) / FP8_MAX)
+    s8 = (block / gscale).astype(ml_dtypes.float8_e4m3fn)
+    s = np.maximum(s8.astype(np.float32) * gscale, 1e-12)
+    q = (wb / s[:, None, :]).reshape(K, N).astype(ml_dtypes.float4_e2m1fn)
+    return q, s8, gscale
+
+
+def int8_columns(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per column: (values int8 [.., C], scales [C]) (low-rank factors)."""
+    sc = np.maximum(np.abs(m).max(0), 1e-30) / INT8_MAX
+    return np.clip(np.round(m / sc), -INT8_MAX, INT8_MAX).astype(np.int8), sc.astype(np.float32)
+
+
+def error_ratio(e: np.ndarray, c: np.ndarray, H: np.ndarray) -> float:
+    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c."""
+    def energy(d):
+        return float(np.einsum("kn,kn->", d, H @ d))
+    return float(np.sqrt(energy(e - c) / max(energy(e), 1e-30)))
