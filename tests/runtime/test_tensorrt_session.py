@@ -70,16 +70,17 @@ def test_skip_reasons_name_what_is_missing():
 
 
 def test_tensorrt_engine_generates_like_the_reference(tiny_model, tmp_path):
-    from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
-    from trtc.compiler.pipeline import build_model
-    from trtc.runtime import LLM
-    from trtc.runtime.engine_dir import load_engine_dir
-
     sm = gpu_sm()
     flavour = flavour_for(sm, importable_flavours())
     if isinstance(flavour, str):
         pytest.skip(flavour)
     assert sm is not None
+
+    from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
+    from trtc.compiler.pipeline import build_model
+    from trtc.runtime import LLM
+    from trtc.runtime.engine_dir import load_engine_dir
+
     out = tmp_path / "engine"
     build_model(str(tiny_model("llama")), out, flavour, (f"sm_{sm}",), dtype="float32",
                 max_batch_size=TINY_MAX_BATCH, max_input_len=TINY_MAX_INPUT, max_seq_len=TINY_MAX_SEQ,
