@@ -55,8 +55,12 @@ def profiles_for(spec: ModelSpec, cfg: BuildConfig, input_names: list[str],
     for name, (smin, sopt, smax) in (("prefill", (1, max(1, S // 2), S)), ("decode", (1, 1, 1))):
         shapes = {}
         for n in input_names:
-            if n in art.TOKEN_INPUTS:
+            if n in art.TOKEN_INPUTS and kv_block_size:   # packed [1, tokens]: up to B sequences
+                shapes[n] = [[1, smin], [1, optb * sopt], [1, B * smax]]
+            elif n in art.TOKEN_INPUTS:
                 shapes[n] = [[1, smin], [optb, sopt], [B, smax]]
+            elif kv_block_size and n == art.CU_SEQLENS:
+                shapes[n] = [[2], [optb + 1], [B + 1]]
             elif n.startswith(art.PAST_PREFIX):
                 shapes[n] = batch_dim(art.cache_shape(1, spec.num_kv_heads, cfg.max_seq_len, spec.head_dim)[1:])
             elif kv_block_size and n == art.BLOCK_TABLES:

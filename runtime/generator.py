@@ -1,8 +1,9 @@
 """The generation loop, the same code for every Session: prefill, then decode with the KV cache.
 
-Prompts of different lengths run as one batch: right-padded in prefill (padding tokens write
-stale cache slots past each sequence's length, which the position-based mask never shows and
-decode overwrites), then every sequence decodes at its own position. A sequence stops at one of
+Prompts of different lengths run as one batch: right-padded in prefill, with each row's real
+length passed along (packed plugin-form graphs compute no padding; native graphs do, and their
+padding writes stale cache slots past each sequence's length, which the position-based mask never
+shows and decode overwrites), then every sequence decodes at its own position. A sequence stops at one of
 the EOS ids or after max_new_tokens; once one stops, the session drops its row (`Session.keep`:
 its KV cache rows, or its paged blocks), so decode steps compute only the sequences still running.
 The batch stops when all have.
@@ -52,7 +53,7 @@ def generate_ids(session: Session, prompts: list[list[int]], *, max_new_tokens: 
     eos = set(eos_ids)
 
     session.allocate(B)
-    logits = session.step(ids, pos)
+    logits = session.step(ids, pos, lens)
     last = logits[np.arange(B), lens - 1]
     cur = lens.copy()               # next position (= tokens in cache) per row of the session's batch
     rows = list(range(B))           # row r of the session's batch is sequence rows[r]

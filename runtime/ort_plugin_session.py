@@ -142,13 +142,22 @@ class OnnxRuntimePluginSession:
     def keep(self, rows: list[int]) -> None:
         self.kv.keep(rows)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
-        self.kv.reserve(position_ids[:, -1] + 1)      # the graph's seq_lens
-        feeds = {art.INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64), art.POSITION_IDS: position_ids,
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+             lengths: np.ndarray | None = None) -> np.ndarray:
+        B, S = input_ids.shape
+        lens = np.full(B, S, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        ids = np.concatenate([input_ids[b, :n] for b, n in enumerate(lens)]).astype(np.int64)[None]
+        pos = np.concatenate([position_ids[b, :n] for b, n in enumerate(lens)]).astype(np.int64)[None]
+        self.kv.reserve(pos[0, cu[1:] - 1] + 1)      # the graph's seq_lens
+        feeds = {art.INPUT_IDS: ids, art.POSITION_IDS: pos, art.CU_SEQLENS: cu,
                  art.BLOCK_TABLES: self.kv.block_tables()}
         for (past, _), pool in zip(self.names, self.kv.pools):
             feeds[past] = pool
         outs = self.sess.run([art.LOGITS] + [present for _, present in self.names], feeds)
         self.kv.pools = list(outs[1:])
-        return outs[0].astype(np.float32, copy=False)
+        packed = outs[0][0]                           # [tokens, vocab]
+        logits = np.zeros((B, S, packed.shape[-1]), dtype=np.float32)
+        for b in range(B):
+            logits[b, :lens[b]] = packed[cu[b]:cu[b + 1]]
+        return logits

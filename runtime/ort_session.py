@@ -81,7 +81,8 @@ class OnnxRuntimeSession:
 
         self.cache = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows])) for v in self.cache]
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+             lengths: np.ndarray | None = None) -> np.ndarray:
         io = self.sess.io_binding()
         io.bind_output(art.LOGITS)   # first, so it is get_outputs()[0]
         io.bind_cpu_input(art.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))

@@ -23,8 +23,13 @@ class Session(Protocol):
     def allocate(self, batch: int) -> None:
         """Fresh (zeroed) KV cache for `batch` sequences of up to max_seq_len tokens."""
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """input_ids, position_ids int64 [B, S] -> logits float32 [B, S, vocab]."""
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray,
+             lengths: np.ndarray | None = None) -> np.ndarray:
+        """input_ids, position_ids int64 [B, S] -> logits float32 [B, S, vocab].
+
+        lengths [B]: real tokens per row (the rest is right-padding; default all S). Sessions of
+        packed graphs compute only those; others compute the padding too (its cache slots are
+        never read before being overwritten). Logits past a row's length are unspecified."""
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows of the batch (in this order): later steps have len(rows) rows."""

@@ -73,7 +73,9 @@ def test_plugin_export_says_what_it_is(plugin_export):
     fp16 = json.loads((plugin_export("qwen3", "float16") / "trtc_export.json").read_text())
     assert fp16["passes"]["fuse_rotary"] == 4 and fp16["passes"]["plugin_attention"] == 2   # q and k, 2 layers
     inputs = {i["name"]: i for i in meta["io"]["inputs"]}
-    assert set(inputs) == {"input_ids", "position_ids", "block_tables", "past_kv_pool.0", "past_kv_pool.1"}
+    assert set(inputs) == {"input_ids", "position_ids", "block_tables", "cu_seqlens_q", "past_kv_pool.0",
+                           "past_kv_pool.1"}
+    assert inputs["cu_seqlens_q"]["dtype"] == "int32"           # tokens packed: sequence boundaries are an input
     assert inputs["past_kv_pool.0"]["shape"] == ["num_blocks", 2, 2, 16, 16]      # Hkv 2, block 16, head 16
     assert inputs["block_tables"]["dtype"] == "int32" and inputs["block_tables"]["shape"] == ["batch", 6]
     assert {o["name"] for o in meta["io"]["outputs"]} == {"logits", "present_kv_pool.0", "present_kv_pool.1"}

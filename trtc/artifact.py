@@ -48,13 +48,16 @@ def is_rank_file(name: str) -> bool:
 # [batch, kv_heads, max_seq_len, head_dim], as `past_key_values.{i}.{key,value}` in and
 # `present.{i}.{key,value}` out (the same buffer: the KV-cache update writes in place).
 # Plugin form: `past_kv_pool.{i}` [num_blocks, 2, kv_heads, block_size, head_dim] in,
-# `present_kv_pool.{i}` out (aliased), and `block_tables` int32 [batch, max_blocks].
+# `present_kv_pool.{i}` out (aliased), `block_tables` int32 [batch, max_blocks], and the tokens PACKED:
+# input_ids/position_ids [1, tokens] hold the sequences back to back, `cu_seqlens_q` says where each
+# starts (no padding is computed).
 
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"      # exported by HF's forward, removed by the cleanup pass
 LOGITS = "logits"
 BLOCK_TABLES = "block_tables"
+CU_SEQLENS = "cu_seqlens_q"            # plugin form: int32 [batch+1], sequence b = tokens cu[b]..cu[b+1]-1
 PAST_PREFIX = "past_key_values."
 POOL_PREFIX = "past_kv_pool."
 TOKEN_INPUTS = (INPUT_IDS, POSITION_IDS)

@@ -63,7 +63,7 @@ def _session_logits(session, batch: list[list[int]]) -> list[np.ndarray]:
         ids[i, : len(w)] = w
     pos = np.broadcast_to(np.arange(S, dtype=np.int64), ids.shape)
     session.allocate(len(batch))
-    logits = session.step(ids, pos)
+    logits = session.step(ids, pos, np.array([len(w) for w in batch]))
     return [logits[i, : len(w)] for i, w in enumerate(batch)]
 
 

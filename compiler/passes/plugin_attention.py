@@ -20,12 +20,12 @@ where x_t = Reshape(Transpose(x) to [B, S, H, D], [B*S, H, D]). Graph I/O change
 caches past_key_values.i.{key,value} / present.i.{key,value} [B, Hkv, max_seq, D] become one block
 pool per layer, past_kv_pool.i -> present_kv_pool.i [num_blocks, 2, Hkv, block_size, D] (updated in
 place by TensorRT: the plugin declares the output aliased), plus `block_tables` int32 [B, max_blocks]
-(max_blocks = ceil(max_seq_len / block_size)), filled by the runtime's paged KV manager. The other
-plugin inputs are derived in the graph from input_ids/position_ids, which the plugin form requires to
-be consecutive per row (as the generator feeds them): every row contributes its S tokens
-(cu_seqlens_q = [0, S, 2S, ..., B*S]) and seq_lens = position_ids[:, -1] + 1 (cache length after the
-append). Right-padding tokens of a prefill write cache slots past the sequence's length, as in the
-native form; attention never reads them before a decode step has overwritten them.
+(max_blocks = ceil(max_seq_len / block_size)), filled by the runtime's paged KV manager, and
+`cu_seqlens_q` int32 [batch+1]. The tokens are PACKED: the runtime feeds input_ids/position_ids as
+[1, tokens], the sequences back to back with no padding (the graph's token-wise ops see one row; only
+the plugins need sequence boundaries, from cu_seqlens_q), so prompts of different lengths cost their
+own lengths, not batch x longest. seq_lens (cache length after the append) is derived in the graph:
+position_ids[0, cu[b+1] - 1] + 1, so each sequence's positions must be consecutive.
 
 The rewrite is all or nothing: a layer that does not match (near-miss: interleaved or partial rotary,
 per-step cos/sin, an Attention with softcap or fed by anything but the scattered cache, another
@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from trtc.artifact import BLOCK_TABLES, DEFAULT_KV_BLOCK_SIZE, INPUT_IDS, PAST_PREFIX, POSITION_IDS, max_blocks, past_name, pool_names
+from trtc.artifact import BLOCK_TABLES, CU_SEQLENS, DEFAULT_KV_BLOCK_SIZE, INPUT_IDS, PAST_PREFIX, POSITION_IDS, max_blocks, past_name, pool_names
 from trtc.errors import TrtcError
 from trtc.plugins.schema import NAMESPACE, PAGED_ATTENTION, ROPE_KV_APPEND, PluginSpec
 
@@ -217,15 +217,17 @@ def plugin_attention(graph, ctx: PassContext):
     def const(name, v):
         return gs.Constant(f"plugin_{name}", np.asarray(v))
 
-    ids_shape = _node(graph, "Shape", "plugin_ids_shape", [ids], "plugin_ids_shape", i64, [2])       # [B, S]
-    b = _node(graph, "Gather", "plugin_b", [ids_shape, const("zero", i64(0))], "plugin_b", i64, [], {"axis": 0})
-    s = _node(graph, "Gather", "plugin_s", [ids_shape, const("one", i64(1))], "plugin_s", i64, [], {"axis": 0})
-    t = _node(graph, "Mul", "plugin_t", [b, s], "plugin_t", i64, [])
-    t1 = _node(graph, "Add", "plugin_t1", [t, const("one_i", i64(1))], "plugin_t1", i64, [])
-    cu = _node(graph, "Range", "plugin_cu64", [const("zero_i", i64(0)), t1, s], "plugin_cu64", i64, ["batch+1"])
-    cu = _node(graph, "Cast", "plugin_cu_seqlens_q", [cu], "cu_seqlens_q", i32, ["batch+1"], {"to": onnx.TensorProto.INT32})
-    last = _node(graph, "Gather", "plugin_last_pos", [pos, const("minus_one", i64(-1))], "plugin_last_pos", i64,
-                 ["batch"], {"axis": 1})
+    ids_shape = _node(graph, "Shape", "plugin_ids_shape", [ids], "plugin_ids_shape", i64, [2])   # [1, tokens]
+    cu = gs.Variable(CU_SEQLENS, dtype=i32, shape=["batch+1"])
+    # seq_lens[b] = positions[cu[b+1] - 1] + 1: the cache length of sequence b after this step
+    cu64 = _node(graph, "Cast", "plugin_cu64", [cu], "plugin_cu64", i64, ["batch+1"], {"to": onnx.TensorProto.INT64})
+    ends = _node(graph, "Slice", "plugin_cu_ends", [cu64, const("one", i64([1])), const("big", i64([2 ** 62])),
+                                                     const("axis0", i64([0]))], "plugin_cu_ends", i64, ["batch"])
+    last_tok = _node(graph, "Sub", "plugin_last_tok", [ends, const("one_i", i64(1))], "plugin_last_tok", i64, ["batch"])
+    flat_pos = _node(graph, "Reshape", "plugin_flat_pos", [pos, const("flat", i64([-1]))], "plugin_flat_pos", i64,
+                     ["tokens"])
+    last = _node(graph, "Gather", "plugin_last_pos", [flat_pos, last_tok], "plugin_last_pos", i64, ["batch"],
+                 {"axis": 0})
     sl = _node(graph, "Add", "plugin_seq_lens64", [last, const("one_p", i64(1))], "plugin_seq_lens64", i64, ["batch"])
     sl = _node(graph, "Cast", "plugin_seq_lens", [sl], "seq_lens", i32, ["batch"], {"to": onnx.TensorProto.INT32})
     scales = const("kv_scales", np.ones(2, np.float32))   # read only for fp8 pools (not emitted yet)
@@ -298,7 +300,7 @@ def plugin_attention(graph, ctx: PassContext):
         return out
 
     graph.inputs = swap(graph.inputs, new_inputs)
-    graph.inputs.append(bt)
+    graph.inputs += [bt, cu]
     graph.outputs = swap(graph.outputs, new_outputs)
     graph.cleanup(remove_unused_graph_inputs=False)
     ctx.stats["plugin_attention"] = len(matches)

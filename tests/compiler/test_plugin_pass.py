@@ -16,7 +16,7 @@ from trtc.compiler.build import profiles_for
 from trtc.compiler.config import BuildConfig
 from trtc.compiler.graph_check import PLUGIN_DOMAIN, check_graph
 from trtc.compiler.passes import PLUGIN_PIPELINE, PassContext, get_pass, pipeline_for, validate_dump_after
-from trtc.compiler.passes.plugin_attention import BLOCK_TABLES, pool_names
+from trtc.artifact import BLOCK_TABLES, CU_SEQLENS, pool_names
 from factories import pass_test_spec
 from trtc.spec import ModelSpec
 from trtc.errors import TrtcError, TrtcInternalError
@@ -94,9 +94,10 @@ def test_plugin_pass_match_structure():
     assert app.attrs["head_size"] == D and app.attrs["block_size"] == BS and app.attrs["plugin_namespace"] == "trtc"
     assert app.inputs[0].inputs[0].inputs[0].name == "q_bshd"  # projection's [B,S,H,D] view, no extra transpose
     names = [t.name for t in g.inputs]
-    assert names == ["input_ids", "position_ids", "q_bshd", "k", "v", "past_kv_pool.0", BLOCK_TABLES]
+    assert names == ["input_ids", "position_ids", "q_bshd", "k", "v", "past_kv_pool.0", BLOCK_TABLES, CU_SEQLENS]
     assert [t.name for t in g.outputs] == ["attn_out", "present_kv_pool.0"]
     assert g.inputs[5].shape == ["num_blocks", 2, HKV, BS, D] and g.inputs[6].shape == ["batch", 2]
+    assert g.inputs[7].shape == ["batch+1"] and app.inputs[6] is g.inputs[7]   # packed tokens, boundaries given
     assert PLUGIN_DOMAIN == NAMESPACE
 
 
@@ -119,11 +120,20 @@ def run_plugin(g, feeds):
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
+def _pack(x, lens, head_axis):
+    """Rows of x ([B, S, ...], or [B, H, S, ...] when head_axis) -> the packed [1, tokens, ...] /
+    [1, H, tokens, ...] the plugin form takes, each row cut to its length."""
+    if head_axis:
+        return np.concatenate([x[b][:, :n] for b, n in enumerate(lens)], axis=1)[None]
+    return np.concatenate([x[b, :n] for b, n in enumerate(lens)])[None]
+
+
 @pytest.mark.parametrize("q_via_transpose", [True, False])
 def test_plugin_pass_match_numerics(q_via_transpose):
-    """Prefill (2 rows, 5 tokens), decode at different positions, then row 0 jumps to position 17
-    (a second block; slots 6..16 hold zeros in both forms): the same attention output as the native
-    graph, with the KV cache in non-identity paged blocks instead of contiguous caches."""
+    """Prefill of 2 sequences of 5 and 3 tokens (the native graph gets them right-padded, the plugin
+    form packed: 8 tokens), decode at different positions, then row 0 jumps to position 17 (a second
+    block; slots 6..16 hold zeros in both forms): the same attention output as the native graph for
+    every real token, with the KV cache in non-identity paged blocks instead of contiguous caches."""
     native = native_graph(q_via_transpose=q_via_transpose)
     plugin = get_pass("plugin_attention")(native_graph(q_via_transpose=q_via_transpose), ctx()).toposort()
     rng = np.random.default_rng(0)
@@ -131,7 +141,8 @@ def test_plugin_pass_match_numerics(q_via_transpose):
     kv = PagedKVCache(num_layers=1, num_kv_heads=HKV, head_dim=D, block_size=BS, max_seq_len=MAX)
     kv.allocate(2, num_blocks=6)
     kv.free.reverse()                                   # blocks handed out 5, 4, ...: not the identity
-    for step, pos in enumerate([np.tile(np.arange(5), (2, 1)), np.array([[5], [3]]), np.array([[17], [4]])]):
+    steps = [(np.tile(np.arange(5), (2, 1)), [5, 3]), (np.array([[5], [3]]), [1, 1]), (np.array([[17], [4]]), [1, 1])]
+    for pos, lens in steps:
         b, s = pos.shape
         feeds = {"input_ids": np.zeros((b, s), np.int64), "position_ids": pos,
                  "q_bshd": rng.standard_normal((b, s, HQ, D) if q_via_transpose else (b, HQ, s, D)).astype(F32),
@@ -139,10 +150,15 @@ def test_plugin_pass_match_numerics(q_via_transpose):
                  "v": rng.standard_normal((b, HKV, s, D)).astype(F32)}
         want, new_k, new_v = run_native(native, {**feeds, **cache})
         cache = {"past_key_values.0.key": new_k, "past_key_values.0.value": new_v}
-        kv.reserve(pos[:, -1] + 1)
-        got, pool = run_plugin(plugin, {**feeds, "past_kv_pool.0": kv.pools[0], BLOCK_TABLES: kv.block_tables()})
+        packed = {"input_ids": _pack(feeds["input_ids"], lens, False), "position_ids": _pack(pos, lens, False),
+                  "q_bshd": _pack(feeds["q_bshd"], lens, not q_via_transpose),
+                  "k": _pack(feeds["k"], lens, True), "v": _pack(feeds["v"], lens, True),
+                  CU_SEQLENS: np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)}
+        kv.reserve([pos[i, n - 1] + 1 for i, n in enumerate(lens)])
+        got, pool = run_plugin(plugin, {**packed, "past_kv_pool.0": kv.pools[0], BLOCK_TABLES: kv.block_tables()})
         kv.pools[0] = pool
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert got.shape == (1, HQ, sum(lens), D)                     # [1, Hq, tokens, D]: no padding computed
+        np.testing.assert_allclose(got, _pack(want, lens, True), rtol=1e-5, atol=1e-5)
     assert kv.tables == [[5, 3], [4]]      # row 0 jumped to position 17: a second, non-adjacent block
 
 
@@ -190,11 +206,13 @@ def test_plugin_pipeline_and_dump_after():
 def test_profiles_for_plugin_inputs():
     cfg = BuildConfig(max_batch_size=4, max_input_len=16, max_seq_len=40, targets=("sm_90",))
     s = dataclasses.replace(spec(), num_layers=1)
-    (prefill, decode) = profiles_for(s, cfg, ["input_ids", "position_ids", "past_kv_pool.0", BLOCK_TABLES],
-                                     kv_block_size=16)
-    assert prefill.shapes[BLOCK_TABLES] == ((1, 3), (1, 3), (4, 3))             # ceil(40 / 16) blocks
-    assert prefill.shapes["past_kv_pool.0"][2] == (12, 2, HKV, 16, D)          # 4 sequences x 3 blocks
-    assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (4, 1))
+    (prefill, decode) = profiles_for(s, cfg, ["input_ids", "position_ids", "past_kv_pool.0", BLOCK_TABLES,
+                                              CU_SEQLENS], kv_block_size=16)
+    assert prefill.shapes[BLOCK_TABLES] == [[1, 3], [1, 3], [4, 3]]             # ceil(40 / 16) blocks
+    assert prefill.shapes["past_kv_pool.0"][2] == [12, 2, HKV, 16, D]          # 4 sequences x 3 blocks
+    assert prefill.shapes["input_ids"] == [[1, 1], [1, 8], [1, 64]]            # packed: up to 4 x 16 tokens
+    assert decode.shapes["input_ids"] == [[1, 1], [1, 1], [1, 4]]              # one token per sequence
+    assert decode.shapes[CU_SEQLENS] == [[2], [2], [5]]
 
 
 def decomposed_rotary_graph(second_half_scale=1.0):
