@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ is on sys.path through pyproject's `pythonpath = ["tests"]`: factories is imported under
+# that one name by this file and by the tests.
+from factories import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, make_tiny_model
+
 os.environ["TRTC_CHECK_PASSES"] = "1"      # graph check after every pass, in every test build
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from factories import FAMILIES, make_tiny_model  # noqa: E402
-
-# Small limits keep the tiny builds fast; prompts in factories.PROMPTS fit in TINY_MAX_INPUT.
-TINY_MAX_SEQ = 96
-TINY_MAX_INPUT = 48
-TINY_MAX_BATCH = 4
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +53,3 @@ def tiny_engine(tiny_model, rtx_flavour, tmp_path_factory):
         return cache[key]
 
     return get
-
-
-__all__ = ["FAMILIES"]

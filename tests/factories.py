@@ -23,6 +23,12 @@ PROMPTS = [
     "Engines are built ahead of time, on machines without a GPU, and run later",
 ]
 
+# Limits of the tiny engine builds (tests/conftest.py's tiny_engine): small keeps them fast; every
+# prompt in PROMPTS fits in TINY_MAX_INPUT tokens.
+TINY_MAX_SEQ = 96
+TINY_MAX_INPUT = 48
+TINY_MAX_BATCH = 4
+
 
 def make_tokenizer(out: Path, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
+from factories import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
 from trtc.flavour import FLAVOURS
 from trtc.compiler import quant_algos as qa
 from trtc.compiler.quantize import (QuantConfig, check_targets, default_targets, grid_of, make_quant_config,

@@ -76,7 +76,7 @@ def test_tensorrt_engine_generates_like_the_reference(tiny_model, tmp_path):
         pytest.skip(flavour)
     assert sm is not None
 
-    from conftest import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
+    from factories import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
     from trtc.compiler.pipeline import build_model
     from trtc.runtime import LLM
     from trtc.runtime.engine_dir import load_engine_dir
