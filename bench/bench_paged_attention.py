@@ -4,7 +4,9 @@
     python bench/bench_paged_attention.py --sweep-configs # also time kernel configurations
     python bench/bench_paged_attention.py --json out.json
 
-Works from a bare checkout (trtc need not be installed). Correctness: fresh random inputs (the seed
+Imports the installed trtc (on a GPU machine without trtc's dependencies: build a wheel with
+`pip wheel --no-deps -w .whl .` and `pip install --no-deps --target DIR .whl/trtc-*.whl`; trtc.plugins
+needs only torch and triton). Correctness: fresh random inputs (the seed
 is printed) against the float32 torch reference, outputs NaN-poisoned before each run. Timing:
 triton.testing.do_bench medians; the generation-phase shape is batch 64, context 4096, 32 query /
 8 KV heads, head 128, fp16 (issue 4), baselines are torch SDPA's flash and cuDNN backends on
@@ -14,44 +16,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import math
 import pathlib
 import random
 import sys
 import time
-import types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _bootstrap() -> None:
-    """Import trtc.plugins from this checkout without running trtc/__init__.py (the spine's)."""
-    try:
-        import trtc.plugins  # noqa: F401
-        return
-    except ImportError:
-        pass
-    pkg = types.ModuleType("trtc")
-    pkg.__path__ = [str(ROOT / "trtc")]
-    sys.modules["trtc"] = pkg
-    spec = importlib.util.spec_from_file_location("trtc.plugins", ROOT / "plugins" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "plugins")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["trtc.plugins"] = mod
-    spec.loader.exec_module(mod)
-
-
-_bootstrap()
-
-import torch  # noqa: E402
+import torch
 
 try:
-    import triton  # noqa: E402
+    import triton
 except ImportError:
     sys.exit("this benchmark needs Triton and a CUDA GPU (see bench/RESULTS-paged-attention.md)")
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402  (after the triton check)
 
 from trtc.plugins import kernels, reference as ref  # noqa: E402
 from trtc.plugins.testing import append_matches, make_case, rel_err  # noqa: E402

@@ -3,12 +3,10 @@
 """
 import sys
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import bench_paged_attention as bp  # noqa: E402  (bootstraps trtc.plugins)
+import torch
 
-import torch  # noqa: E402
-
-from trtc.plugins import kernels  # noqa: E402
+import bench_paged_attention as bp  # bench/ is sys.path[0] when this script runs
+from trtc.plugins import kernels
 
 for kv in sys.argv[1:] or ["auto", "fp8_e4m3"]:
     case = bp.decode_case(64, 4096, 32, 8, 128, 16, kv)
