@@ -79,19 +79,29 @@ def rope_kv_append(q, k, v, rope_cos, rope_sin, block_tables, cu_seqlens_q, seq_
     return q_rot
 
 
-def gather_kv(kv_pool, block_tables, b: int, length: int, kv_scales) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized float32 k, v [length, Hkv, D] of sequence b, read through its block table."""
+def gather_kv(kv_pool, block_tables, b: int, length: int, kv_scales,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized k, v [length, Hkv, D] (float32 unless `dtype`) of sequence b, read through its block table."""
     bs = kv_pool.shape[3]
     nblk = -(-length // bs)
     blocks = kv_pool[block_tables[b, :nblk].long()]  # [nblk, 2, Hkv, bs, D]
-    kv = blocks.float().permute(1, 0, 3, 2, 4).reshape(2, nblk * bs, kv_pool.shape[2], kv_pool.shape[4])[:, :length]
+    kv = blocks.to(dtype).permute(1, 0, 3, 2, 4).reshape(2, nblk * bs, kv_pool.shape[2], kv_pool.shape[4])[:, :length]
     if kv_pool.dtype == torch.float8_e4m3fn:
-        return kv[0] * kv_scales[0].float(), kv[1] * kv_scales[1].float()
+        return kv[0] * kv_scales[0].to(dtype), kv[1] * kv_scales[1].to(dtype)
     return kv[0], kv[1]
 
 
 def paged_attention_f32(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs) -> torch.Tensor:
     """PagedAttention in float32 (the output before the final cast to q's dtype)."""
+    return _paged_attention(torch.float32, q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs)
+
+
+def paged_attention_f64(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs) -> torch.Tensor:
+    """PagedAttention in float64: the yardstick that tells kernel error from float32 reference error."""
+    return _paged_attention(torch.float64, q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs)
+
+
+def _paged_attention(dtype, q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales, **attrs) -> torch.Tensor:
     names = [t.name for t in PAGED_ATTENTION.inputs]
     check_call(PAGED_ATTENTION, dict(zip(names, (q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_scales))), attrs,
                reference=True)
@@ -100,14 +110,14 @@ def paged_attention_f32(q, kv_pool, block_tables, cu_seqlens_q, seq_lens, kv_sca
     group = attrs["num_q_heads"] // attrs["num_kv_heads"]
     cu = cu_seqlens_q.long().cpu().tolist()
     lens = seq_lens.long().cpu().tolist()
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
     for b in range(len(lens)):
         n, length = cu[b + 1] - cu[b], lens[b]
         if n == 0:
             continue
-        k, v = gather_kv(kv_pool, block_tables, b, length, kv_scales)
+        k, v = gather_kv(kv_pool, block_tables, b, length, kv_scales, dtype)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [L, Hq, D]
-        qb = q[cu[b]:cu[b + 1]].float()  # [n, Hq, D]
+        qb = q[cu[b]:cu[b + 1]].to(dtype)  # [n, Hq, D]
         s = torch.einsum("qhd,khd->hqk", qb, k) * scale
         qpos = torch.arange(length - n, length, device=q.device)[:, None]
         s = s.masked_fill(torch.arange(length, device=q.device)[None, :] > qpos, float("-inf"))

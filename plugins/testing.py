@@ -144,19 +144,31 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def append_matches(q_rot, q_ref, pool, pool_ref) -> tuple[bool, str]:
-    """Kernel RopeKvAppend vs reference. Bitwise equality is too strict (the GPU contracts the
-    rotation into FMAs); allowed: q_rot within one rounding step of its dtype; every pool slot NaN
-    (unwritten) in both or in neither, written slots within one rounding step of the pool's dtype."""
+    """Kernel RopeKvAppend vs reference. Every pool slot NaN (unwritten) in both or in neither; V
+    slots bit-identical (V is only cast, or divided by its scale for FP8: one correctly rounded
+    operation on both sides); q_rot and K slots within one rounding step of their dtype, not
+    bit-exact: the GPU contracts the rotation into FMAs, so a value within an fp32 ulp of a rounding
+    boundary may round the other way (measured on an H200: up to 1e-4 of q_rot, 7e-5 of K slots)."""
     eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
     dq = (q_rot.float() - q_ref.float()).abs()
     if not (dq <= eps[q_rot.dtype] * q_ref.float().abs() + 1e-6).all():
         return False, f"q_rot max abs diff {dq.max().item():.3g}"
-    a, b = pool.float(), pool_ref.float()
+    a, b = pool.float(), pool_ref.float()  # [num_blocks, 2 (K, V), Hkv, bs, D]
     if not torch.equal(a.isnan(), b.isnan()):
         return False, f"{(a.isnan() != b.isnan()).sum().item()} pool slots written in one but not the other"
     ok = ~b.isnan()
-    dp = (a[ok] - b[ok]).abs()
+    v_diff = int((a[:, 1][ok[:, 1]] != b[:, 1][ok[:, 1]]).sum())
+    if v_diff:
+        return False, f"{v_diff} V slots differ from the reference (V must be bit-identical)"
+    k_ok = ok[:, 0]
+    dk = (a[:, 0][k_ok] - b[:, 0][k_ok]).abs()
     tiny = 2.0 ** -9 if pool.dtype == torch.float8_e4m3fn else 1e-6  # smallest e4m3 subnormal step
-    if not (dp <= eps[pool.dtype] * b[ok].abs() + tiny).all():
-        return False, f"pool max abs diff {dp.max().item():.3g}"
+    if not (dk <= eps[pool.dtype] * b[:, 0][k_ok].abs() + tiny).all():
+        return False, f"K pool max abs diff {dk.max().item():.3g}"
     return True, ""
+
+
+# ||out - ref|| / ||ref|| allowed for a kernel step (append + attention) against the float32
+# reference, per activation dtype: about twice the largest of 36 random cases on an H200 (fp16
+# 2.3-2.8e-4, bf16 1.9-2.3e-3, of which rounding the output to its dtype alone is 2.1e-4 / 1.6e-3).
+TOLERANCE = {torch.float16: 5e-4, torch.bfloat16: 4.5e-3}

@@ -3,13 +3,12 @@ import pytest
 import torch
 
 from trtc.plugins import reference as ref
-from trtc.plugins.testing import append_matches, make_case, rel_err
+from trtc.plugins.testing import TOLERANCE as TOL, append_matches, make_case, rel_err
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine (the Triton kernels "
+                                                                "need one; plugins.reference is checked on the CPU)")
 kernels = pytest.importorskip("trtc.plugins.kernels", reason="triton not installed") if torch.cuda.is_available() \
     else None
-
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def check_step(case, tol, **kw):
@@ -51,3 +50,35 @@ def test_kernels_match_reference(ctx, new, hq, hkv, d, bs, dtype, kv):
 def test_decode_splits(splits, block_n, kv):
     case = make_case([1000, 17, 260, 0], [1, 1, 1, 1], 16, 4, 128, 16, kv_cache_dtype=kv, device="cuda", seed=splits)
     check_step(case, TOL[torch.float16], decode_cfg=kernels.DecodeConfig(num_splits=splits, block_n=block_n))
+
+
+@cuda
+def test_seed_44629_mixed_fp8_case():
+    """`bench_paged_attention.py --cases 12 --seed 44629`, case 30 (mixed prefill + decode, B 33, max_len 934,
+    8/8 heads, head 64, block 32, fp16, FP8 KV): Triton's approximate fp32 division in RopeKvAppend
+    stored 982 of its 733184 V values one e4m3 step off (V scale 0.02525...), error 2.03e-3 (other
+    fp16 cases 2.3-2.8e-4). The shape and seed are exactly the sweep's."""
+    ctx = [379, 577, 22, 600, 637, 155, 230, 671, 546, 554, 464, 578, 647, 464, 345, 893, 235, 701, 309, 771, 25, 50,
+           357, 9, 258, 114, 141, 720, 122, 478, 524, 876, 374]
+    new = [1, 95, 1, 1, 1, 77, 1, 50, 101, 1, 56, 119, 1, 16, 1, 39, 126, 1, 112, 1, 147, 133, 1, 28, 45, 1, 70, 23, 1,
+           1, 1, 58, 122]
+    case = make_case(ctx, new, 8, 8, 64, 32, dtype=torch.float16, kv_cache_dtype="fp8_e4m3", device="cuda",
+                     seed=44629030, keep_context=False)
+    assert abs(case.kv_scales[1].item() - 0.02525111474096775) < 1e-9  # the same draw as the sweep's
+    check_step(case, TOL[torch.float16])
+
+
+@cuda
+@pytest.mark.parametrize("v_scale", [0.02525111474096775, 0.029034804552793503])
+def test_fp8_append_is_correctly_rounded(v_scale):
+    """Stored V = e4m3(v / scale) rounded once, for a scale where an approximate division (x * 1/s)
+    rounds ~0.13% of fp16 inputs the other way (0.02525...) and one where it does not."""
+    case = make_case([0], [4096], 8, 8, 64, 16, kv_cache_dtype="fp8_e4m3", device="cuda", seed=1)
+    case.kv_scales[1] = v_scale
+    pool_ref = case.kv_pool.clone()
+    ref.rope_kv_append(*case.append_args[:-1], pool_ref, **case.append_attrs)
+    kernels.rope_kv_append(*case.append_args, **case.append_attrs)
+    v, v_ref = case.kv_pool[:, 1].float(), pool_ref[:, 1].float()
+    written = ~v_ref.isnan()
+    assert int(written.sum()) == 4096 * 8 * 64
+    assert int((v[written] != v_ref[written]).sum()) == 0
