@@ -16,14 +16,23 @@ Triton >= 3.3 appends two pointer parameters of its own (global and profile scra
 allocate no scratch (compile_aot checks metadata.global_scratch_size == 0), so those parameters are
 never dereferenced.
 
+Targets: an AOT plugin carries ONE PTX, so `register(targets)` takes the build's compute
+capabilities and accepts exactly one. Several are refused rather than compiled for the lowest:
+Triton emits arch-specific PTX for sm_90 and newer (`.target sm_90a`, `sm_100a`), which the driver
+cannot JIT to another architecture, and PTX for an older target (sm_80) would run a newer GPU
+without its own tensor-core instructions. Build one engine per target instead (full TensorRT builds
+for the GPU it runs on anyway).
+
 One AOT plugin = one kernel launch. Hence the generation phase inside TensorRT uses the varlen
 kernel with a small tile (tactic DECODE) instead of split-K + combine (two launches); the split-K
 path is what the Triton launcher (kernels.paged_attention) uses.
 """
 import dataclasses
 import math
+from typing import Any, Sequence
 
 from ..errors import TrtcError, TrtcInternalError
+from ..flavour import sm_number
 from .schema import PAGED_ATTENTION, ROPE_KV_APPEND, PluginSpec
 
 UNAVAILABLE = ("full TensorRT (`tensorrt`) is not installable on trtc's machines (its -libs wheels download "
@@ -51,10 +60,27 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def compile_aot(spec: PluginSpec, act_dtype: str, pool_dtype: str, attrs: dict, tactic: int = TACTIC_CONTEXT,
-                target: tuple[int, int] = (90, 32)) -> AotKernel:
-    """Compile the plugin's Triton kernel to PTX for `target` (compute capability, warp size).
-    act_dtype/pool_dtype are schema dtype names ("float16", "float8_e4m3fn", ...)."""
+def aot_arch(targets: Sequence[str]) -> int:
+    """The compute capability (90 for "sm_90") the plugin kernels are compiled for: the build's
+    one target (module docstring: why several are refused)."""
+    archs = set()
+    for t in targets:
+        try:
+            archs.add(sm_number(t))
+        except ValueError:
+            raise TrtcError(f"target {t!r} is not a compute capability; write e.g. sm_90") from None
+    if len(archs) != 1:
+        raise TrtcError(f"plugin-form engines are built for exactly one target, got {len(archs)} "
+                        f"({', '.join(targets) or 'none'}): each attention plugin carries one PTX; "
+                        f"build once per target, e.g. --target {'sm_%d' % max(archs) if archs else 'sm_90'}")
+    return archs.pop()
+
+
+def compile_aot(spec: PluginSpec, act_dtype: str, pool_dtype: str, attrs: dict[str, Any], *, arch: int,
+                tactic: int = TACTIC_CONTEXT) -> AotKernel:
+    """Compile the plugin's Triton kernel to PTX for compute capability `arch` (90 = sm_90; Triton
+    writes `.target sm_90a` for 90 and newer). act_dtype/pool_dtype are schema dtype names
+    ("float16", "float8_e4m3fn", ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -88,7 +114,7 @@ def compile_aot(spec: PluginSpec, act_dtype: str, pool_dtype: str, attrs: dict, 
     else:
         raise TrtcInternalError(f"no AOT kernel for {spec.name}")
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
-    ck = triton.compile(src, target=GPUTarget("cuda", *target),
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options=dict(num_warps=num_warps, num_stages=num_stages))
     if getattr(ck.metadata, "global_scratch_size", 0):
         raise TrtcInternalError(f"{spec.name}: kernel needs Triton global scratch, which AOT plugins do not provide")
@@ -98,14 +124,37 @@ def compile_aot(spec: PluginSpec, act_dtype: str, pool_dtype: str, attrs: dict, 
     return AotKernel(ck.metadata.name, ptx, ck.metadata.num_warps, ck.metadata.shared, block_q, num_params)
 
 
-def _dtype_name(trt, dt) -> str:
-    return {trt.float16: "float16", trt.bfloat16: "bfloat16", trt.fp8: "float8_e4m3fn"}[dt]
+@dataclasses.dataclass
+class _Registration:
+    """tensorrt.plugin's registry is global to the process: the plugins are registered once, and the
+    aot_impl functions compile for the target of the build in progress (set by each register())."""
+    arch: int | None = None
+    plugins: dict[str, Any] | None = None
 
 
-def register():
-    """Register trtc::RopeKvAppend and trtc::PagedAttention with TensorRT's plugin registry.
-    Call once before building a network that holds the plugin nodes (ONNX nodes: op = plugin name,
-    attribute plugin_namespace = "trtc", aot = True)."""
+_REGISTRATION = _Registration()
+
+
+def register(targets: Sequence[str]) -> dict[str, Any]:
+    """Register trtc::RopeKvAppend and trtc::PagedAttention with TensorRT's plugin registry, their
+    kernels compiled for `targets` (the build's compute capabilities, e.g. ("sm_90",); exactly one).
+    Call before building each network that holds the plugin nodes (ONNX nodes: op = plugin name,
+    attribute plugin_namespace = "trtc", aot = True); registers once per process."""
+    _REGISTRATION.arch = aot_arch(targets)
+    if _REGISTRATION.plugins is None:
+        _REGISTRATION.plugins = _register_with_tensorrt()
+    return _REGISTRATION.plugins
+
+
+def _build_arch() -> int:
+    if _REGISTRATION.arch is None:
+        raise TrtcInternalError("an aot_impl ran before register(targets) set the build's target")
+    return _REGISTRATION.arch
+
+
+def _register_with_tensorrt() -> dict[str, Any]:
+    """The registration itself. No `from __future__ import annotations` in this module: tensorrt.plugin
+    reads the registered functions' annotations (trtp.TensorDesc, int, str) at run time."""
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
@@ -113,6 +162,11 @@ def register():
         raise TrtcError(f"trtc's attention plugins need full TensorRT (pip install 'trtc[tensorrt]' where "
                         f"NVIDIA's index is reachable); here: {UNAVAILABLE}") from e
     from typing import List, Tuple
+
+    dtype_names = {trt.float16: "float16", trt.bfloat16: "bfloat16", trt.fp8: "float8_e4m3fn"}
+
+    def dtype_name(dt: trt.DataType) -> str:
+        return dtype_names[dt]
 
     def launch(kernel: AotKernel, grid_x, grid_y, extra):
         p = trtp.KernelLaunchParams()
@@ -146,8 +200,8 @@ def register():
                            num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int,
                            kv_cache_dtype: str, outputs: Tuple[trtp.TensorDesc], tactic: int):
         a = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
-                     block_size=block_size, kv_cache_dtype=kv_cache_dtype)
-        ker = compile_aot(ROPE_KV_APPEND, _dtype_name(trt, q.dtype), _dtype_name(trt, kv_pool.dtype), a)
+                 block_size=block_size, kv_cache_dtype=kv_cache_dtype)
+        ker = compile_aot(ROPE_KV_APPEND, dtype_name(q.dtype), dtype_name(kv_pool.dtype), a, arch=_build_arch())
         return launch(ker, q.shape_expr[0], 1, [seq_lens.shape_expr[0], block_tables.shape_expr[1]])
 
     # --- PagedAttention -----------------------------------------------------------------------
@@ -175,8 +229,9 @@ def register():
                             kv_cache_dtype: str, softmax_scale: float, outputs: Tuple[trtp.TensorDesc],
                             tactic: int):
         a = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
-                     block_size=block_size, kv_cache_dtype=kv_cache_dtype, softmax_scale=softmax_scale)
-        ker = compile_aot(PAGED_ATTENTION, _dtype_name(trt, q.dtype), _dtype_name(trt, kv_pool.dtype), a, tactic)
+                 block_size=block_size, kv_cache_dtype=kv_cache_dtype, softmax_scale=softmax_scale)
+        ker = compile_aot(PAGED_ATTENTION, dtype_name(q.dtype), dtype_name(kv_pool.dtype), a, arch=_build_arch(),
+                          tactic=tactic)
         B = seq_lens.shape_expr[0]
         grid_x = trtp.cdiv(q.shape_expr[0], ker.block_q) + B  # as kernels.paged_attention
         return launch(ker, grid_x, num_kv_heads, [B, block_tables.shape_expr[1]])

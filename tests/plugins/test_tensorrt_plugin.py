@@ -5,9 +5,11 @@ calling convention."""
 import ast
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
+from trtc.errors import TrtcError
 from trtc.plugins.schema import PAGED_ATTENTION, ROPE_KV_APPEND
 from trtc.plugins.tensorrt_plugin import UNAVAILABLE
 
@@ -30,18 +32,62 @@ def test_registered_signatures_follow_schema(spec, prefix):
     assert fns[f"{prefix}_aot"] == inputs + attrs + ["outputs", "tactic"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def ptx_target(ptx: str) -> str:
+    return re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
+
+
+@needs_triton
 @pytest.mark.parametrize("spec", [ROPE_KV_APPEND, PAGED_ATTENTION])
 def test_aot_compiles_to_ptx(spec):
     from trtc.plugins.tensorrt_plugin import compile_aot
-    ker = compile_aot(spec, "float16", "float8_e4m3fn", {**ATTN_ATTRS, "kv_cache_dtype": "fp8_e4m3"})
+    ker = compile_aot(spec, "float16", "float8_e4m3fn", {**ATTN_ATTRS, "kv_cache_dtype": "fp8_e4m3"}, arch=90)
     n_ours = len(spec.inputs) + 2 + len(spec.outputs)  # inputs, (B, max_blocks), outputs
     assert ker.num_params in (n_ours, n_ours + 1, n_ours + 2)  # + Triton's scratch pointers (unused)
-    assert ".target sm_90" in ker.ptx and ker.name in ker.ptx
+    assert ker.name in ker.ptx
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", [ROPE_KV_APPEND, PAGED_ATTENTION])
+def test_aot_ptx_is_for_the_build_target(spec):
+    """The build's target flows into the PTX: two targets give two different `.target` lines."""
+    from trtc.plugins.tensorrt_plugin import aot_arch, compile_aot
+    targets = {}
+    for target in ("sm_80", "sm_90"):
+        ker = compile_aot(spec, "float16", "float16", ATTN_ATTRS, arch=aot_arch((target,)))
+        targets[target] = ptx_target(ker.ptx)
+    assert targets["sm_80"] == "sm_80"
+    assert targets["sm_90"] in ("sm_90", "sm_90a")  # Triton writes sm_90a (wgmma)
+
+
+def test_aot_arch_takes_one_target():
+    from trtc.plugins.tensorrt_plugin import aot_arch
+    assert aot_arch(("sm_90",)) == 90
+    assert aot_arch(("sm_100",)) == 100
+    assert aot_arch(("sm_90", "sm_90")) == 90
+    with pytest.raises(TrtcError, match=r"exactly one target.*sm_90, sm_100.*--target sm_100"):
+        aot_arch(("sm_90", "sm_100"))
+    with pytest.raises(TrtcError, match="'ampere' is not a compute capability"):
+        aot_arch(("ampere",))
+
+
+def test_build_passes_its_targets_to_register():
+    """compiler/build.py hands the build's targets to register(), which sets what the aot_impl
+    functions compile for before it needs TensorRT (absent here: it then raises)."""
+    from trtc.compiler import build
+    from trtc.plugins import tensorrt_plugin
+    if importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("tensorrt.plugin") is not None:
+        pytest.skip("full TensorRT installed: register() would really register")
+    for target, arch in (("sm_100", 100), ("sm_89", 89)):
+        with pytest.raises(TrtcError, match="need full TensorRT"):
+            build._register_plugins((target,))
+        assert tensorrt_plugin._build_arch() == arch
 
 
 def test_engine_with_plugins_matches_reference():
-    pytest.importorskip("tensorrt", reason=UNAVAILABLE)
+    pytest.importorskip("tensorrt.plugin", reason=UNAVAILABLE)  # (tensorrt-stubs alone make `tensorrt` importable)
     import tensorrt as trt
     import tensorrt.plugin as trtp
     import torch
@@ -52,7 +98,7 @@ def test_engine_with_plugins_matches_reference():
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
-    tensorrt_plugin.register()
+    tensorrt_plugin.register((f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}",))
     case = make_case([5, 0], [1, 7], 32, 8, 128, 16, device="cuda", seed=0)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
