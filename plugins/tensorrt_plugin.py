@@ -157,7 +157,9 @@ def _register_with_tensorrt() -> dict[str, Any]:
     reads the registered functions' annotations (trtp.TensorDesc, int, str) at run time."""
     try:
         import tensorrt as trt
-        import tensorrt.plugin as trtp
+        # tensorrt-stubs describe `tensorrt` but not its pure-Python `tensorrt.plugin` package (its
+        # functions are Any). unused-ignore: where mypy sees no stubs at all, nothing is reported.
+        import tensorrt.plugin as trtp  # type: ignore[import-untyped, unused-ignore]
     except ImportError as e:
         raise TrtcError(f"trtc's attention plugins need full TensorRT (pip install 'trtc[tensorrt]' where "
                         f"NVIDIA's index is reachable); here: {UNAVAILABLE}") from e
@@ -168,7 +170,9 @@ def _register_with_tensorrt() -> dict[str, Any]:
     def dtype_name(dt: trt.DataType) -> str:
         return dtype_names[dt]
 
-    def launch(kernel: AotKernel, grid_x, grid_y, extra):
+    def launch(kernel: AotKernel, grid_x: Any, grid_y: Any, extra: list[Any]) -> tuple[bytes, bytes, Any, Any]:
+        """aot_impl's result: kernel name, PTX, launch parameters, extra int32 arguments (grid sizes
+        and extras are ints or trtp shape expressions)."""
         p = trtp.KernelLaunchParams()
         p.grid_x, p.grid_y = grid_x, grid_y
         p.block_x = kernel.num_warps * 32
