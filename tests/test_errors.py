@@ -1,5 +1,7 @@
-"""Bad input through the real `trtc` command: one line naming the problem and the fix, exit
-code 2, no traceback, and nothing half-written."""
+"""Bad input to `trtc`: one line `trtc: error: ...` naming the problem and the fix, exit code 2,
+and nothing half-written. Most cases run the command in-process (click's test runner, which lets
+any other exception escape and fail the test); the `*_process` ones run the real `trtc` process
+and also check that stderr carries no traceback and no second error line."""
 
 from __future__ import annotations
 
@@ -8,23 +10,37 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from factories import PROMPTS
+from trtc.cli import main
 
-TRTC = [sys.executable, "-m", "trtc.cli"]
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    stderr: str
 
 
-def trtc(*args, cwd=None):
+def trtc(*args) -> Outcome:
+    """In-process: an exception other than the CLI's own exit propagates into the test."""
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return Outcome(res.exit_code, res.stderr)
+
+
+def trtc_process(*args) -> Outcome:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([*TRTC, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
-                          stdin=subprocess.DEVNULL, timeout=600)
+    res = subprocess.run([sys.executable, "-m", "trtc.cli", *map(str, args)], capture_output=True, text=True,
+                         env=env, stdin=subprocess.DEVNULL, timeout=600)
+    return Outcome(res.returncode, res.stderr)
 
 
-def assert_user_error(res, *needles):
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+def assert_user_error(res: Outcome, *needles):
+    assert res.code == 2, (res.code, res.stderr[-3000:])
     assert "Traceback" not in res.stderr, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("trtc: error:")]
     assert len(lines) == 1, res.stderr
@@ -37,8 +53,8 @@ def assert_nothing_written(parent: Path, name: str):
     assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
 
 
-def test_missing_model_dir(tmp_path):
-    res = trtc("build", "--model", tmp_path / "nope", "--output", tmp_path / "out")
+def test_process_missing_model_dir(tmp_path):
+    res = trtc_process("build", "--model", tmp_path / "nope", "--output", tmp_path / "out")
     assert_user_error(res, "no such file or directory")
     assert_nothing_written(tmp_path, "out")
 
@@ -53,12 +69,12 @@ def test_incomplete_model_dir(tmp_path, tiny_model):
     assert_nothing_written(tmp_path, "out")
 
 
-def test_truncated_weights(tmp_path, tiny_model):
+def test_process_truncated_weights(tmp_path, tiny_model):
     d = tmp_path / "m"
     shutil.copytree(tiny_model("llama"), d)
     w = next(d.glob("*.safetensors"))
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    res = trtc("build", "--model", d, "--output", tmp_path / "out")
+    res = trtc_process("build", "--model", d, "--output", tmp_path / "out")
     assert_user_error(res, "cannot load the weights")
     assert_nothing_written(tmp_path, "out")
 
@@ -84,8 +100,8 @@ def test_output_dir_not_ours_is_left_alone(tmp_path, tiny_model):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_unknown_target_for_rtx(tmp_path, tiny_model):
-    res = trtc("build", "--model", tiny_model("llama"), "--target", "sm_90", "--flavour", "tensorrt_rtx",
+def test_process_unknown_target_for_rtx(tmp_path, tiny_model):
+    res = trtc_process("build", "--model", tiny_model("llama"), "--target", "sm_90", "--flavour", "tensorrt_rtx",
                "--output", tmp_path / "out")
     assert_user_error(res, "sm_90", "sm_89")
 
@@ -102,12 +118,13 @@ def engine_copy(tmp_path, tiny_engine):
     return d
 
 
-def test_corrupted_engine(engine_copy):
+def test_process_corrupted_engine(engine_copy):
     e = engine_copy / "rank0.engine"
     data = bytearray(e.read_bytes())
     data[len(data) // 2] ^= 0xFF
     e.write_bytes(bytes(data))
-    assert_user_error(trtc("run", engine_copy, "--backend", "tensorrt", "--prompt", "hi"), "rank0.engine", "corrupted")
+    # `run --backend tensorrt` verifies the engine only once a GPU has picked it; `inspect --verify` on CPU.
+    assert_user_error(trtc_process("inspect", engine_copy, "--verify"), "rank0.engine", "corrupted")
 
 
 def test_truncated_onnx_data(engine_copy):
