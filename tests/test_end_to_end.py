@@ -63,14 +63,21 @@ def test_streaming_single_prompt(tiny_engine):
     assert res.stdout.endswith("\n") and len(res.stdout.strip()) > 0
 
 
-def test_python_api_sampling_is_seeded(tiny_engine):
+def test_python_api_sampling_is_seeded(tiny_engine, tiny_model):
+    """The same seed repeats its tokens, another seed draws others (sampling is not silently
+    greedy), and temperature 0 is transformers' greedy decoding whatever the seed."""
     from trtc.runtime import LLM
 
     llm = LLM(tiny_engine("qwen3"), backend="onnxruntime")
-    a = llm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7)
-    b = llm.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7)
-    assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    assert all(len(c.token_ids) == 8 or c.finish_reason == "stop" for c in a)
+
+    def tokens(seed: int, temperature: float) -> list[list[int]]:
+        return [c.token_ids for c in llm.generate(PROMPTS[:2], max_new_tokens=8, temperature=temperature,
+                                                   top_k=20, top_p=0.95, seed=seed)]
+
+    a = tokens(7, 2.0)
+    assert tokens(7, 2.0) == a
+    assert tokens(8, 2.0) != a
+    assert tokens(7, 0.0) == tokens(8, 0.0) == hf_greedy(tiny_model("qwen3"), PROMPTS[:2], 8)
 
 
 def test_more_prompts_than_max_batch(tiny_engine, tiny_model):
