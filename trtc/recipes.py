@@ -252,17 +252,14 @@ def _resolve(params: dict):
     return fl, targets
 
 
-def load_jobs(path: Path | str, validate: bool = True) -> list[Job]:
-    """The recipe's jobs; with validate, every one checked before any is returned."""
+def load_jobs(path: Path | str) -> list[Job]:
+    """The recipe's jobs, every one checked (values and feasibility) before any is returned."""
     path = Path(path)
     table, digest = _read_toml(path)
     varies, expanded = expand(path, table)
     jobs = []
     for name, output, given in expanded:
         label = f"recipe {path}, job {name}"
-        if not validate:
-            jobs.append(Job(name, output, path, digest, given, varies, {}, "", ()))
-            continue
         params = _parse(given, output, label)
         try:
             fl, targets = _resolve(params)
