@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from trtc import artifact as art
+
 TRTC = [sys.executable, "-m", "trtc.cli"]
 MODES = {  # name -> (build flags, target)
     "none": ([], "sm_89"),
@@ -113,7 +115,7 @@ def main() -> None:
     log = open(args.out.with_suffix(".log"), "a")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     env_note = {"machine": f"{platform.node()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if not (args.export / "trtc_export.json").is_file():
+    if not (args.export / art.EXPORT_CONFIG).is_file():
         cmd = [*TRTC, "export", "--output", str(args.export), "--dtype", args.dtype, "--max-seq-len", args.max_seq_len]
         if args.model:
             cmd += ["--model", args.model]
@@ -125,7 +127,7 @@ def main() -> None:
         flags, target = MODES[mode]
         out = args.engines / mode
         prev = next((r for r in rows if r.get("mode") == mode and "engine_bytes" in r), None)
-        if args.reuse and prev is not None and (out / "config.json").is_file():
+        if args.reuse and prev is not None and (out / art.ENGINE_CONFIG).is_file():
             row = {k: v for k, v in prev.items() if not k.startswith("eval")}   # keep the build's numbers
             res = None
         else:
@@ -142,12 +144,12 @@ def main() -> None:
             continue
         else:
             st = stage_times(res.stderr)
-            cfg = json.loads((out / "config.json").read_text())
+            quant = art.read_engine_config(out).quantization
             row.update({
                 "build_wall_s": round(dt, 1), "stages_s": st,
-                "engine_bytes": (out / "rank0.engine").stat().st_size,
-                "onnx_data_bytes": (out / "rank0.onnx.data").stat().st_size,
-                "quantization": {k: v for k, v in cfg["quantization"].items() if k not in ("excluded",)},
+                "engine_bytes": (out / art.rank_engine(0)).stat().st_size,
+                "onnx_data_bytes": (out / art.onnx_data(art.rank_onnx(0))).stat().st_size,
+                "quantization": {k: v for k, v in quant.items() if k not in ("excluded",)},
             })
         res, dt = run([*TRTC, "eval", str(out), "--json", "--backend", "onnxruntime"], log)
         if res.returncode:
