@@ -1,11 +1,15 @@
 # Quick start: `make demo` (build the bundled SmolLM2 and ask it a question), `make test`.
-# Both create .venv in the project root and install trtc with TensorRT-RTX (builds on CPU).
+# All create .venv in the project root and install trtc with TensorRT-RTX (builds on CPU).
+# make test        every test (what CI runs): includes the `slow` ones, i.e. the real SmolLM2-135M
+#                  and tests/test_wheel_install.py (a built wheel in a scratch venv, run from outside
+#                  the checkout: build with the bundled calibration text, eval with the bundled text)
+# make test-quick  pytest -m "not slow": everything else
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.trtc-installed
 PROMPT ?= The capital of France is
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-quick bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 clean:
 	rm -rf engines $(VENV)

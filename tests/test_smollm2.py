@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from factories import hf_greedy
 from trtc.cli import main
 
+pytestmark = pytest.mark.slow       # two real-size exports and builds: minutes (make test, not test-quick)
+
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
