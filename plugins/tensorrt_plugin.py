@@ -2,7 +2,7 @@
 plugins) with ahead-of-time Triton kernels, so a built engine carries the PTX and needs no Python
 at run time.
 
-Not runnable on trtc's machines: full TensorRT cannot be installed there (FACTS.md), and
+Not runnable on trtc's machines: full TensorRT cannot be installed there (docs/platform.md), and
 TensorRT-RTX has no plugin layer. What IS checked: `compile_aot` (Triton -> PTX, launch geometry,
 calling convention) on a GPU machine with Triton (bench/ and tests/plugins), and that the functions
 below follow plugins/schema.py (tests/plugins/test_tensorrt_plugin.py, by reading this file).
@@ -36,7 +36,7 @@ from ..flavour import sm_number
 from .schema import PAGED_ATTENTION, ROPE_KV_APPEND, PluginSpec
 
 UNAVAILABLE = ("full TensorRT (`tensorrt`) is not installable on trtc's machines (its -libs wheels download "
-               "from NVIDIA's index, unreachable here; see FACTS.md); TensorRT-RTX has no plugin layer")
+               "from NVIDIA's index, unreachable here; see docs/platform.md); TensorRT-RTX has no plugin layer")
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8e4nv", "float32": "fp32",
                  "int32": "i32"}

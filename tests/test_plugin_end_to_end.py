@@ -131,7 +131,7 @@ def test_full_tensorrt_plugin_engine(tmp_path):
         import tensorrt  # noqa: F401
         import tensorrt.plugin  # noqa: F401
     except Exception:
-        pytest.skip("full TensorRT (`tensorrt`) is not installable on trtc's machines (FACTS.md); "
+        pytest.skip("full TensorRT (`tensorrt`) is not installable on trtc's machines (docs/platform.md); "
                     "the plugin-form engine build is unverified")
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
