@@ -116,6 +116,11 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
             # kernels are still used wherever one supports the shape and type).
             layer.attention.decomposable = True  # type: ignore[attr-defined]
     config = builder.create_builder_config()
+    if flavour.reproducible:
+        # The default builder assigns auxiliary streams differently from one process to the next (two
+        # plans, ~20 bytes apart, measured on a tiny Llama); with none, builds are byte-identical.
+        # Cost at run time: the main stream runs alone; see docs/reproducible-builds.md.
+        config.max_aux_streams = 0
     if flavour.name == "tensorrt_rtx":   # TensorRT-RTX's ahead-of-time targets: not in tensorrt's stubs
         config.num_compute_capabilities = len(cfg.targets)  # type: ignore[attr-defined]
         for i, t in enumerate(cfg.targets):
@@ -153,3 +158,50 @@ def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
             return f.write(data)
 
     return FileWriter()
+
+
+def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Flavour,
+                          engine_path: Path, kv_block_size: int | None = None) -> tuple[list[Profile], bool]:
+    """build_engine in a child process without address-space randomization, with a fixed
+    environment and working dir (build_worker.py says why). Returns the profiles and whether the
+    build is reproducible (the flavour and the sandbox both allow it)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from trtc import typed_json
+    from trtc.errors import TrtcInternalError
+
+    from .build_worker import disable_aslr_for_exec, worker_env
+
+    data = onnx_path.parent / art.onnx_data(onnx_path.name)
+    with tempfile.TemporaryDirectory(prefix="trtc-build-") as cwd:
+        # The same relative names on every build: path lengths shape the builder's allocations.
+        os.symlink(onnx_path.resolve(), Path(cwd) / onnx_path.name)
+        if data.is_file():
+            os.symlink(data.resolve(), Path(cwd) / data.name)
+        req = {"onnx": onnx_path.name, "spec": typed_json.to_json(spec), "build": typed_json.to_json(cfg),
+               "flavour": flavour.name, "engine": "engine.plan", "kv_block_size": kv_block_size}
+        proc = subprocess.run([sys.executable, "-m", "trtc.compiler.build_worker"], input=json.dumps(req),
+                              stdout=subprocess.PIPE, text=True, cwd=cwd, env=worker_env(),
+                              preexec_fn=disable_aslr_for_exec)
+        lines = proc.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            answer = {}
+        if "error" in answer:
+            raise TrtcError(answer["error"])
+        if proc.returncode != 0 or "profiles" not in answer:
+            if proc.returncode < 0 or proc.returncode == 137:
+                raise TrtcError(f"the TensorRT builder process for {engine_path.name} was killed (signal "
+                                f"{-proc.returncode if proc.returncode < 0 else 9}: out of memory?); free memory "
+                                f"or build on a larger machine")
+            raise TrtcInternalError(f"the TensorRT build of {engine_path.name} failed (exit {proc.returncode}); "
+                                    f"its traceback is above")
+        shutil.move(str(Path(cwd) / "engine.plan"), str(engine_path))
+    profiles = [typed_json.from_json(Profile, p, "build worker") for p in answer["profiles"]]
+    return profiles, bool(flavour.reproducible and answer.get("aslr_off"))

@@ -7,7 +7,6 @@ file (converted once into a cached HF dir), or the name of a bundled model. Expo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from trtc.errors import TrtcError
 
+from . import digests
 from .families import FamilyAdapter, adapter_for_config, adapter_for_gguf
 from trtc.spec import ModelSpec
 
@@ -36,6 +36,7 @@ class LoadedModel:
     adapter: FamilyAdapter
     source: str              # what the user named
     weights_sha256: str      # over the weight files, in name order: identifies the weights
+    files_sha256: str = ""   # over the other files (config, tokenizer, generation config)
 
 
 def cache_dir() -> Path:
@@ -43,13 +44,7 @@ def cache_dir() -> Path:
 
 
 def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return digests.memoized("weights", paths, digests.sha256_files)
 
 
 def weight_files(d: Path) -> list[Path]:
@@ -124,7 +119,14 @@ def load_model(model: str | None) -> LoadedModel:
     spec = adapter.spec_from_config(cfg)
     check_hf_files(hf_dir)
     return LoadedModel(hf_dir=hf_dir, spec=spec, adapter=adapter, source=model or DEFAULT_MODEL,
-                       weights_sha256=_sha256_files(weight_files(hf_dir)))
+                       weights_sha256=_sha256_files(weight_files(hf_dir)), files_sha256=other_files_sha256(hf_dir))
+
+
+def other_files_sha256(hf_dir: Path) -> str:
+    """Digest of the model dir's files other than weights: they end up in the engine dir (tokenizer)."""
+    weights = set(weight_files(hf_dir))
+    files = [p for p in hf_dir.iterdir() if p.is_file() and p not in weights and not p.name.startswith(".")]
+    return digests.sha256_files(files)
 
 
 def load_torch_model(loaded: LoadedModel, dtype: str):

@@ -95,7 +95,7 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
         shutil.rmtree(work / "traced", ignore_errors=True)
     return RankGraphs(dir=work, graphs=(rg,), spec=loaded.spec, config=cfg, io=io,
                       source=Source(model=loaded.source, weights_sha256=loaded.weights_sha256,
-                                    hf_dir=str(loaded.hf_dir)),
+                                    files_sha256=loaded.files_sha256, hf_dir=str(loaded.hf_dir)),
                       tokenizer_dir=loaded.hf_dir, pass_stats=dict(ctx.stats))
 
 
@@ -170,17 +170,24 @@ def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
     return requested
 
 
-def _build_config(ecfg: ExportConfig, max_batch_size: int, max_input_len: int | None,
-                  targets: tuple[str, ...]) -> BuildConfig:
-    return BuildConfig(max_batch_size=max_batch_size, max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
-                       max_seq_len=ecfg.max_seq_len, targets=targets)
+@dataclass(frozen=True)
+class _BuildInput:
+    """What a build starts from, loaded and checked, before any export work: a model, or the rank
+    graphs of an export dir. Enough to compute the fingerprint (the cache key)."""
+
+    spec: ModelSpec
+    ecfg: ExportConfig
+    source: Source
+    quant: QuantConfig | None                 # resolved for the model; None: no (further) quantization
+    loaded: LoadedModel | None = None         # a model to export
+    exported: RankGraphs | None = None        # an export dir's graphs
 
 
-def _rank_graphs_for_build(model: str | None, work: Path, times: StageTimes, dtype: str,
-                           max_seq_len: int | None, attention: str | None, kv_block_size: int | None,
-                           flavour: Flavour, quant: QuantConfig | None, dump_after: tuple[str, ...],
-                           dump_dir: Path, check_limits) -> RankGraphs:
-    """Either kind of input (a model, or an export dir) -> the rank graphs the build compiles."""
+def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: int | None,
+                 attention: str | None, kv_block_size: int | None, flavour: Flavour,
+                 quant: QuantConfig | None, check_limits) -> _BuildInput:
+    """Either kind of input (a model, or an export dir), loaded and checked against the options."""
+    quant = quant if quant is not None and quant.enabled else None
     if is_export_dir(model):
         with stage("load", times, f"export dir {model}"):
             graphs = _load_export_dir(Path(str(model)))
@@ -189,31 +196,63 @@ def _rank_graphs_for_build(model: str | None, work: Path, times: StageTimes, dty
         _check_plugin_flavour(graphs.config.attention, flavour)
         _check_plugin_quant(graphs.config.attention, quant)
         check_limits(graphs.spec, graphs.config)
-        if quant is not None and quant.enabled:
+        if quant is not None:
             if graphs.quantization:
                 raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
                                 f"drop --quant/--kv-cache-dtype, or re-export without them")
             quant = resolve_for_model(quant, graphs.spec)
+        return _BuildInput(graphs.spec, graphs.config, graphs.source, quant, exported=graphs)
+    with stage("load", times, model or DEFAULT_MODEL):
+        loaded = load_model(model)
+    ecfg = _export_config(loaded, dtype, max_seq_len, attention or "native", kv_block_size)
+    check_limits(loaded.spec, ecfg)                 # before exporting
+    if quant is not None:
+        quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
+    source = Source(model=loaded.source, weights_sha256=loaded.weights_sha256, files_sha256=loaded.files_sha256,
+                    hf_dir=str(loaded.hf_dir))
+    return _BuildInput(loaded.spec, ecfg, source, quant, loaded=loaded)
+
+
+def build_fingerprint(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, keep_onnx: bool) -> str:
+    """Of everything that changes the artifact: trtc, model spec and weights, export, quantization
+    (config and calibration text), build limits and targets, TensorRT flavour and version, layout."""
+    q = inp.quant.fingerprint() if inp.quant is not None else \
+        (inp.exported.quantization or {}).get("fingerprint") if inp.exported else None
+    return fingerprint_of({
+        "trtc": __version__, "format": art.FORMAT_VERSION, "spec": inp.spec.to_dict(),
+        "weights": inp.source.weights_sha256, "files": inp.source.files_sha256, "export": dataclasses.asdict(inp.ecfg),
+        "build": dataclasses.asdict(bcfg), "tensorrt": [flavour.name, version],
+        **({"quant": q} if q else {}), **({"keep_onnx": True} if keep_onnx else {})})
+
+
+def request_key(model: str | None, flavour: Flavour, version: str, targets: tuple[str, ...],
+                quant: QuantConfig | None, options: dict) -> str:
+    """Fingerprint of a build request as given (files read, options, versions): cheap to compute
+    (no model load). The cache maps it to the artifact's fingerprint."""
+    from . import digests
+    from .load import resolve_source
+
+    if is_export_dir(model):
+        src = {"export": art.sha256_file(Path(str(model)) / EXPORT_CONFIG)}
     else:
-        with stage("load", times, model or DEFAULT_MODEL):
-            loaded = load_model(model)
-        ecfg = _export_config(loaded, dtype, max_seq_len, attention or "native", kv_block_size)
-        check_limits(loaded.spec, ecfg)                 # before exporting
-        if quant is not None and quant.enabled:
-            quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
-        graphs = _export_rank_graphs(loaded, ecfg, work, times, dump_after, dump_dir)
-    if quant is not None and quant.enabled:
-        graphs = _quantize(graphs, quant, work / "quant", times)
-    return graphs
+        src = {"dir": digests.dir_digest(resolve_source(model))}
+    return fingerprint_of({"trtc": __version__, "format": art.FORMAT_VERSION, "source": src,
+                           "tensorrt": [flavour.name, version], "targets": list(targets),
+                           "quant": quant.fingerprint() if quant is not None and quant.enabled else None,
+                           **options})
 
 
 def build_model(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
                 dtype: str = "auto", max_batch_size: int = 8, max_input_len: int | None = None,
                 max_seq_len: int | None = None, keep_onnx: bool = False,
                 dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
-                attention: str | None = None, kv_block_size: int | None = None) -> tuple[Path, StageTimes]:
-    """attention/kv_block_size None: native, or the export dir's."""
-    from .build import build_engine, check_plugin_kernels
+                attention: str | None = None, kv_block_size: int | None = None,
+                engine_per_target: bool = False, cache=None, job: dict | None = None) -> tuple[Path, StageTimes]:
+    """Build an engine dir from a model or an export dir.
+
+    attention/kv_block_size None: native, or the export dir's. cache: a compiler.cache.EngineCache
+    (None: always build). job: what to record as the job in the provenance statement."""
+    from .build import check_plugin_kernels
 
     if not is_export_dir(model):
         attention, kv_block_size = resolve_attention(attention, kv_block_size)
@@ -223,34 +262,97 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         check_targets(quant, flavour, targets)          # fp8 needs sm_89+, ...: the API keeps the CLI's policy
     validate_dump_after(dump_after, attention or "native")
     package.check_output_dir(output, ENGINE_CONFIG)      # before any expensive work
+    engine_per_target = engine_per_target or not flavour.multi_target
+
+    def build_config(ecfg: ExportConfig) -> BuildConfig:
+        return BuildConfig(max_batch_size=max_batch_size,
+                           max_input_len=max_input_len or min(1024, ecfg.max_seq_len),
+                           max_seq_len=ecfg.max_seq_len, targets=targets, engine_per_target=engine_per_target)
 
     def check_limits(spec: ModelSpec, ecfg: ExportConfig) -> None:
         check_plugin_kernels(spec, ecfg)                # full TensorRT: the kernels' dtypes/head sizes
-        _build_config(ecfg, max_batch_size, max_input_len, targets)
+        build_config(ecfg)
 
     times = StageTimes()
+    version = trt_version(flavour)
+    request = None
+    if cache is not None and not dump_after:
+        # Fast path: an identical request (same input files, options, trtc, TensorRT) seen before
+        # names its fingerprint without loading the model; the entry is still verified before use.
+        request = request_key(model, flavour, version, targets, quant, dict(
+            dtype=dtype, max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+            keep_onnx=keep_onnx, attention=attention, kv_block_size=kv_block_size,
+            engine_per_target=engine_per_target))
+        known = cache.recall(request)
+        if known is not None:
+            with cache.lock(known), stage("cache", times, f"lookup {known}"):
+                if cache.fetch(known, output, lambda d: package.write_provenance(d, job)):
+                    return output, times
+    inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits)
+    bcfg = build_config(inp.ecfg)
+    fingerprint = build_fingerprint(inp, bcfg, flavour, version, keep_onnx)
+    if cache is None or request is None:
+        _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job)
+        return output, times
+    cache.remember(request, fingerprint)
+    with cache.lock(fingerprint):
+        with stage("cache", times, f"lookup {fingerprint}"):
+            hit = cache.fetch(fingerprint, output, lambda d: package.write_provenance(d, job))
+        if not hit:
+            _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job)
+            with stage("cache", times, f"store {fingerprint}"):
+                cache.store(fingerprint, output)
+    return output, times
+
+
+def check_reproducible_build(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
+                             **kw) -> tuple[Path, StageTimes]:
+    """Build twice without the cache (output, then a sibling dir) and compare every file's sha256;
+    TrtcError naming the files that differ. Keeps `output`; the second build is removed."""
+    kw.pop("cache", None)
+    out, times = build_model(model, output, flavour, targets, **kw)
+    second = Path(tempfile.mkdtemp(prefix=f".{output.name}.repro-", dir=output.resolve().parent))
+    try:
+        build_model(model, second, flavour, targets, **kw)
+        a, b = (sorted((p.name, art.sha256_file(p)) for p in d.iterdir() if p.is_file()) for d in (output, second))
+        differ = sorted({n for n, _ in set(a) ^ set(b)})
+    finally:
+        shutil.rmtree(second, ignore_errors=True)
+    if differ:
+        raise TrtcError(f"two builds of {model or DEFAULT_MODEL} differ in {', '.join(differ)} "
+                        f"({flavour.name} builds are {'' if flavour.reproducible else 'not '}expected to be "
+                        f"reproducible); {output} holds the first build")
+    info(f"[trtc] reproducible: two builds gave identical bytes for all {len(a)} files")
+    return out, times
+
+
+def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, fingerprint: str,
+           keep_onnx: bool, output: Path, times: StageTimes, dump_after: tuple[str, ...], job: dict | None) -> None:
+    from .build import build_engine_isolated
+
     work = Path(tempfile.mkdtemp(prefix="trtc-work-"))
     try:
-        graphs = _rank_graphs_for_build(model, work, times, dtype, max_seq_len, attention, kv_block_size,
-                                        flavour, quant, dump_after, output.parent / (output.name + ".dump"),
-                                        check_limits)
+        graphs = inp.exported
+        if graphs is None:
+            assert inp.loaded is not None
+            graphs = _export_rank_graphs(inp.loaded, inp.ecfg, work, times, dump_after,
+                                         output.parent / (output.name + ".dump"))
+        if inp.quant is not None:
+            graphs = _quantize(graphs, inp.quant, work / "quant", times)
         spec, ecfg = graphs.spec, graphs.config
-        bcfg = _build_config(ecfg, max_batch_size, max_input_len, targets)
-        version = trt_version(flavour)
-        fingerprint = fingerprint_of({
-            "trtc": __version__, "spec": spec.to_dict(), "weights": graphs.source.weights_sha256,
-            "export": dataclasses.asdict(ecfg), "build": dataclasses.asdict(bcfg),
-            "tensorrt": [flavour.name, version],
-            **({"quant": graphs.quantization["fingerprint"]} if graphs.quantization
-               and graphs.quantization.get("fingerprint") else {})})
+        per_target = [[t] for t in bcfg.targets] if bcfg.engine_per_target else [list(bcfg.targets)]
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
-            engines = []
+            engines, reproducible = [], True
             for g in graphs.graphs:
-                ef = art.EngineFile(rank=g.rank, targets=list(targets), file=art.rank_engine(g.rank))
-                with stage("build", times, f"{flavour.name} {version}, targets {','.join(targets)}"):
-                    profiles = build_engine(graphs.dir / g.file, spec, bcfg, flavour, tmp / ef.file,
-                                            kv_block_size=ecfg.kv_block_size)
-                engines.append(ef)
+                for tg in per_target:
+                    ef = art.EngineFile(rank=g.rank, targets=tg,
+                                        file=art.rank_engine(g.rank, tg[0] if bcfg.engine_per_target else None))
+                    with stage("build", times, f"{flavour.name} {version}, rank {g.rank}, targets {','.join(tg)}"):
+                        profiles, repro = build_engine_isolated(
+                            graphs.dir / g.file, spec, dataclasses.replace(bcfg, targets=tuple(tg)), flavour,
+                            tmp / ef.file, kv_block_size=ecfg.kv_block_size)
+                    engines.append(ef)
+                    reproducible = reproducible and repro
             with stage("package", times):
                 if graphs.tokenizer_files:   # an export dir: already saved by trtc
                     tok = package.copy_files(graphs.tokenizer_dir, tmp, graphs.tokenizer_files)
@@ -268,11 +370,12 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
                     files=art.file_table(tmp, [e.file for e in engines] + tok + [n for g in kept
                                                                                   for n in (g.file, g.data)]),
                     fingerprint=fingerprint, build_config=bcfg, profiles=profiles,
-                    tensorrt=art.TensorRTInfo(flavour=flavour.name, version=version, targets=list(targets)),
+                    tensorrt=art.TensorRTInfo(flavour=flavour.name, version=version, targets=list(bcfg.targets),
+                                              reproducible=reproducible),
                     engines=engines))
+                package.write_provenance(tmp, job)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return output, times
 
 
 def _check_plugin_flavour(attention: str, flavour: Flavour) -> None:

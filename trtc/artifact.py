@@ -180,6 +180,7 @@ class BuildConfig:
     max_seq_len: int      # prompt + generated tokens (KV cache length)
     targets: tuple[str, ...]  # compute capabilities, e.g. ("sm_89", "sm_120")
     opt_batch_size: int = 1
+    engine_per_target: bool = False   # one engine per target (full TensorRT: always) instead of one for all
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_input_len", "max_seq_len"):
@@ -234,6 +235,7 @@ class TensorRTInfo:
     flavour: str               # "tensorrt_rtx" or "tensorrt"
     version: str
     targets: list[str]         # every compute capability some engine of the dir serves
+    reproducible: bool         # the flavour's builds are byte-identical for identical inputs (no autotuning)
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ class Source:
 
     model: str
     weights_sha256: str | None = None
+    files_sha256: str | None = None     # the model dir's other files: config, tokenizer, generation config
     hf_dir: str | None = None           # the HF dir it was read from on the build machine (eval's reference)
 
 
@@ -422,3 +425,4 @@ def engine_config_schema() -> dict:
 
 
 SCHEMA_FILE = "engine-config.schema.json"
+PROVENANCE = "provenance.intoto.json"   # in-toto Statement over every file of the dir (config.json included)

@@ -100,6 +100,13 @@ def _print_times(times) -> None:
         info(f"[trtc] {name:<10} {dt:7.1f}   {rss:8.0f}")
 
 
+def _tp_size_1(ctx, param, value: int) -> int:
+    if value != 1:
+        raise TrtcError(f"--tp-size {value}: this version builds tp_size 1 only (tensor parallelism is not "
+                        f"implemented yet); use --tp-size 1")
+    return value
+
+
 @main.command()
 @_model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
@@ -108,33 +115,73 @@ def _print_times(times) -> None:
 @click.option("--max-batch-size", type=int, default=8, show_default=True)
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt [default: min(1024, max-seq-len)].")
 @click.option("--max-seq-len", type=int, default=None, help="Prompt + generated tokens [default: min(2048, model max)].")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True, callback=_tp_size_1,
+              help="Tensor-parallel ranks (this version builds 1 only).")
 @click.option("--target", default=None, metavar="sm_89,sm_120",
               help="Compute capabilities to build for [default: per TensorRT flavour].")
 @click.option("--flavour", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto", show_default=True,
               help="TensorRT flavour: full TensorRT (datacenter) or TensorRT-RTX; auto prefers full TensorRT.")
 @click.option("--keep-onnx", is_flag=True, help="Keep the rank ONNX graphs in the engine dir (for --backend onnxruntime).")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
+@click.option("--engine-per-target", is_flag=True,
+              help="One engine per --target instead of one holding all targets' kernels (full TensorRT: always).")
+@click.option("--no-cache", is_flag=True,
+              help="Build even if the engine cache ($TRTC_CACHE_DIR/engines) holds this fingerprint, and do not store it.")
+@click.option("--check-reproducible", is_flag=True,
+              help="Build twice (no cache) and fail unless every file of the two engine dirs is byte-identical.")
+@click.option("--config", "recipe", type=click.Path(path_type=Path), default=None, metavar="RECIPE",
+              help="Build the jobs of a recipe (configs/*.toml; `trtc matrix RECIPE` lists them) instead of "
+                   "options given here.")
+@click.option("--job", "job_name", default=None, metavar="NAME", help="With --config: build only this job.")
 @_quant_options
 @_attention_options
 def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, target, flavour, keep_onnx, dump_after,
-          attention, kv_block_size,
-          quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank):
+          engine_per_target, no_cache, check_reproducible, attention, kv_block_size,
+          quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank,
+          tp_size, recipe, job_name):
     """Build a TensorRT engine dir from a model."""
-    from trtc.flavour import parse_targets, resolve_flavour
-    from trtc.compiler.pipeline import build_model, default_output
-    from trtc.compiler.quantize import check_targets, default_targets
+    if recipe is not None or job_name is not None:   # a recipe's jobs, each through build_job as below
+        from trtc.recipes import jobs_to_build
 
-    qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank)
-    fl = resolve_flavour(flavour)
+        jobs, run = jobs_to_build(click.get_current_context())
+        for j in jobs:
+            click.echo(str(build_job(j.build_options(), job=j.provenance(), **run)))
+        return
+    opts = dict(model=model, output=output, dtype=dtype, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                max_seq_len=max_seq_len, target=target, flavour=flavour, keep_onnx=keep_onnx, dump_after=dump_after,
+                engine_per_target=engine_per_target, attention=attention, kv_block_size=kv_block_size, quant=quant,
+                kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_samples=calib_samples,
+                group_size=group_size, outlier_channels=outlier_channels, low_rank=low_rank)
+    path = build_job(opts, no_cache=no_cache, check_reproducible=check_reproducible)
+    click.echo(str(path))
+
+
+def build_job(opts: dict, no_cache: bool = False, check_reproducible: bool = False, job: dict | None = None) -> Path:
+    """One `trtc build` with these options (the build command's parameter names): resolve the
+    options, build (or fetch from the engine cache), print the stage times; returns the engine dir."""
+    from trtc.compiler.cache import EngineCache
+    from trtc.compiler.pipeline import build_model, check_reproducible_build, default_output
+    from trtc.compiler.quantize import check_targets, default_targets
+    from trtc.flavour import parse_targets, resolve_flavour
+
+    o = dict(opts)
+    qcfg = _quant_config(o.pop("quant"), o.pop("kv_cache_dtype"), o.pop("calib_data"), o.pop("calib_samples"),
+                         o.pop("group_size"), o.pop("outlier_channels"), o.pop("low_rank"))
+    fl = resolve_flavour(o.pop("flavour"))
+    target = o.pop("target")
     targets = parse_targets(target, fl) if target else default_targets(qcfg, fl)
     check_targets(qcfg, fl, targets)
-    out = output or default_output(model)
-    path, times = build_model(model, out, fl, targets, dtype=dtype, max_batch_size=max_batch_size,
-                              max_input_len=max_input_len, max_seq_len=max_seq_len, keep_onnx=keep_onnx,
-                              dump_after=tuple(dump_after), quant=qcfg, attention=attention,
-                              kv_block_size=int(kv_block_size) if kv_block_size else None)
+    out = o.pop("output") or default_output(o["model"])
+    kv_block_size = o.pop("kv_block_size")
+    kw = dict(o, dump_after=tuple(o["dump_after"]), quant=qcfg,
+              kv_block_size=int(kv_block_size) if kv_block_size else None, job=job)
+    if check_reproducible:
+        path, times = check_reproducible_build(o["model"], out, fl, targets, **{k: v for k, v in kw.items() if k != "model"})
+    else:
+        path, times = build_model(o["model"], out, fl, targets, cache=None if no_cache else EngineCache(),
+                                  **{k: v for k, v in kw.items() if k != "model"})
     _print_times(times)
-    click.echo(str(path))
+    return path
 
 
 @main.command()
@@ -223,6 +270,17 @@ def eval_(engine_dir, text_file, reference, no_reference, window, backend, as_js
         click.echo(f"reference perplexity {r.reference_perplexity:.4f}   ({r.reference}, transformers fp32)")
         click.echo(f"top-1 agreement      {r.top1_agreement:.4f}")
 
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of jobs (name, output, options, ...) for a CI matrix.")
+def matrix(recipe, as_json):
+    """List (and validate) the build jobs of a recipe: configs/*.toml; nothing is built."""
+    from trtc.recipes import format_table, load_jobs
+
+    jobs = load_jobs(recipe)
+    click.echo(json.dumps([j.to_json() for j in jobs]) if as_json else format_table(jobs))
 
 
 @main.command()

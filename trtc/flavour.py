@@ -36,6 +36,8 @@ class Flavour:
     plugins: bool                  # custom plugin layers (trtc's attention plugins)
     fp8_min_sm: int
     fp4_min_sm: int
+    multi_target: bool             # one engine can hold kernels for several compute capabilities
+    reproducible: bool             # same inputs -> byte-identical engines (no autotuning; see build.py)
 
 
 FLAVOURS = {
@@ -44,11 +46,13 @@ FLAVOURS = {
     "tensorrt_rtx": Flavour("tensorrt_rtx", "tensorrt_rtx", 'pip install -e ".[rtx]"',
                             ("sm_75", "sm_80", "sm_86", "sm_89", "sm_120", "sm_121"),
                             ("sm_80", "sm_86", "sm_89", "sm_120"), plugins=False,
-                            fp8_min_sm=89, fp4_min_sm=120),
-    # Full TensorRT: builds on (and for) the datacenter GPU it runs on; needs that GPU.
+                            fp8_min_sm=89, fp4_min_sm=120, multi_target=True, reproducible=True),
+    # Full TensorRT: builds on (and for) the datacenter GPU it runs on; needs that GPU. It times
+    # tactics on that GPU (autotuning), so two builds of one network may differ: not reproducible.
     "tensorrt": Flavour("tensorrt", "tensorrt", 'pip install -e ".[tensorrt]" (NVIDIA index)',
                         ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
-                        ("sm_90",), plugins=True, fp8_min_sm=89, fp4_min_sm=100),
+                        ("sm_90",), plugins=True, fp8_min_sm=89, fp4_min_sm=100, multi_target=False,
+                        reproducible=False),
 }
 
 
