@@ -7,22 +7,22 @@ top-1 agreement and perplexity vs the float model), same calibration text as `tr
 (per nn.Linear, lm_head excluded) and optionally fake-quantizes the Linear inputs.
 
     python bench/quant_sim.py int8_rtn int8_gptq fp8 fp8_w fp8_a int4_rtn_g64 ...
+
+Imports the installed trtc (`pip install -e .`): the quantizers are trtc.compiler.quant_algos.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from compiler import quant_algos as qa  # noqa: E402
+from trtc.bundled import CALIB_TEXT, EVAL_TEXT, data_file
+from trtc.compiler import quant_algos as qa
+from trtc.compiler.load import resolve_source
 
 INT8 = qa.Grid("int", -127, 127, 0)
 FP8 = qa.Grid("fp8", 0, 0, 0)
@@ -275,11 +275,12 @@ class KV:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("recipes", nargs="+")
-    ap.add_argument("--model", default=str(Path.home() / ".cache/trtc/models/smollm2-135m-instruct"))
-    ap.add_argument("--calib", default=str(ROOT / "trtc/data/calib.txt"))
+    ap.add_argument("--model", default=None, help="HF dir, .gguf or bundled name [default: the bundled SmolLM2]")
+    ap.add_argument("--calib", default=str(data_file(CALIB_TEXT)))
     ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--eval", default=str(ROOT / "trtc/data/eval.txt"), help="held-out text to score")
+    ap.add_argument("--eval", default=str(data_file(EVAL_TEXT)), help="held-out text to score")
     a = ap.parse_args()
+    a.model = str(resolve_source(a.model))
     torch.set_num_threads(2)
     m, tok = load(a.model)
     ev = windows(tok, a.eval, 256)
