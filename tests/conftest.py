@@ -16,6 +16,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _isolated_cache_dir() -> None:
+    """Builds through the CLI use the engine cache under TRTC_CACHE_DIR: give the test session its
+    own (no hits from earlier runs, nothing left in the user's cache), sharing only the prepared
+    bundled models (dequantizing the GGUF once is enough)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    shared = Path(os.environ.get("TRTC_CACHE_DIR") or Path.home() / ".cache" / "trtc") / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="trtc-test-cache-"))
+    (d / "models").symlink_to(shared, target_is_directory=True)
+    os.environ["TRTC_CACHE_DIR"] = str(d)
+    atexit.register(shutil.rmtree, d, True)       # the symlink goes, the shared models stay
+
+
+_isolated_cache_dir()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     cache: dict[str, Path] = {}

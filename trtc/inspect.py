@@ -20,6 +20,7 @@ def describe(path: Path, verify: bool = False) -> dict:
     if verify:
         art.verify_files(path, cfg.files, rebuild_hint=f"rebuild the {kind}",
                          config_name=art.ENGINE_CONFIG if engine else art.EXPORT_CONFIG)
+        _verify_dir(path, cfg, kind)
     spec = cfg.pretrained_config
     if isinstance(cfg, EngineConfig):
         b = cfg.build_config
@@ -43,6 +44,38 @@ def describe(path: Path, verify: bool = False) -> dict:
         "files": sizes,
         "verified": verify,
     }
+
+
+def _verify_dir(path: Path, cfg, kind: str) -> None:
+    """Beyond config.json's table: no unlisted files, and every subject of the provenance statement
+    (config.json included) matches its digest."""
+    import json
+
+    from trtc.errors import TrtcError
+
+    config_name = art.ENGINE_CONFIG if isinstance(cfg, EngineConfig) else art.EXPORT_CONFIG
+    known = {config_name, art.PROVENANCE, *cfg.files}
+    extra = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in known)
+    if extra:
+        raise TrtcError(f"{path / extra[0]} is not listed in {config_name} (added after the build?); "
+                        f"remove it or rebuild the {kind}")
+    prov = path / art.PROVENANCE
+    if not prov.is_file():
+        if isinstance(cfg, EngineConfig):
+            raise TrtcError(f"{path} has no {art.PROVENANCE}; rebuild the {kind} with this trtc")
+        return
+    try:
+        subjects = {s["name"]: s["digest"]["sha256"] for s in json.loads(prov.read_text())["subject"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrtcError(f"{prov} is not an in-toto statement trtc wrote ({e}); rebuild the {kind}") from e
+    on_disk = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != art.PROVENANCE)
+    missing = sorted(set(on_disk) ^ set(subjects))
+    if missing:
+        raise TrtcError(f"{prov} and the dir disagree about {missing[0]}; rebuild the {kind}")
+    for name, digest in subjects.items():
+        if art.sha256_file(path / name) != digest:
+            raise TrtcError(f"{path / name} does not match its digest in {art.PROVENANCE} (modified after "
+                            f"the build); rebuild the {kind}")
 
 
 def format_text(d: dict) -> str:
