@@ -24,7 +24,8 @@ from trtc.log import StageTimes, info, stage
 from trtc.spec import ModelSpec, fingerprint_of
 
 from . import package
-from .config import BuildConfig, ExportConfig, resolve_attention, resolve_dtype
+from .config import (BuildConfig, ExportConfig, check_against_export, check_attention_against_export,
+                     check_plugin_flavour, check_plugin_quant, resolve_attention, resolve_dtype)
 from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
 from .passes import PassContext, run_passes, validate_dump_after
@@ -138,7 +139,7 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
                  dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
                  attention: str | None = None, kv_block_size: int | None = None) -> tuple[Path, StageTimes]:
     attention, kv_block_size = resolve_attention(attention, kv_block_size)
-    _check_plugin_quant(attention, quant)
+    check_plugin_quant(attention, quant)
     validate_dump_after(dump_after, attention)
     package.check_output_dir(output, EXPORT_CONFIG)      # before any expensive work
     times = StageTimes()
@@ -191,10 +192,10 @@ def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: 
     if is_export_dir(model):
         with stage("load", times, f"export dir {model}"):
             graphs = _load_export_dir(Path(str(model)))
-        _check_against_export(graphs, dtype, max_seq_len)
-        _check_attention_against_export(graphs, attention, kv_block_size)
-        _check_plugin_flavour(graphs.config.attention, flavour)
-        _check_plugin_quant(graphs.config.attention, quant)
+        check_against_export(graphs.config, dtype, max_seq_len)
+        check_attention_against_export(graphs.config, attention, kv_block_size)
+        check_plugin_flavour(graphs.config.attention, flavour)
+        check_plugin_quant(graphs.config.attention, quant)
         check_limits(graphs.spec, graphs.config)
         if quant is not None:
             if graphs.quantization:
@@ -256,8 +257,8 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
 
     if not is_export_dir(model):
         attention, kv_block_size = resolve_attention(attention, kv_block_size)
-        _check_plugin_flavour(attention, flavour)       # before anything is loaded or written
-        _check_plugin_quant(attention, quant)
+        check_plugin_flavour(attention, flavour)       # before anything is loaded or written
+        check_plugin_quant(attention, quant)
     if quant is not None and quant.enabled:
         check_targets(quant, flavour, targets)          # fp8 needs sm_89+, ...: the API keeps the CLI's policy
     validate_dump_after(dump_after, attention or "native")
@@ -376,37 +377,3 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
                 package.write_provenance(tmp, job)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _check_plugin_flavour(attention: str, flavour: Flavour) -> None:
-    if attention == "plugin" and not flavour.plugins:
-        raise TrtcError(f"--attention plugin needs TensorRT's plugin layer, which {flavour.name} does not have "
-                        f"(trtc's attention plugins are a full-TensorRT feature); use --attention native, or "
-                        f"--flavour tensorrt where full TensorRT is installed (`trtc export --attention plugin` "
-                        f"writes the plugin-form graph without TensorRT)")
-
-
-def _check_plugin_quant(attention: str, quant: QuantConfig | None) -> None:
-    if attention == "plugin" and quant is not None and quant.enabled:
-        raise TrtcError("--quant/--kv-cache-dtype with --attention plugin is not supported yet (the quantizer "
-                        "works on the native graph's Attention/TensorScatter); drop one of them")
-
-
-def _check_attention_against_export(graphs: RankGraphs, attention: str | None, kv_block_size: int | None) -> None:
-    have = graphs.config
-    if attention is not None and attention != have.attention:
-        raise TrtcError(f"--attention {attention} differs from the export dir's {have.attention}; "
-                        f"re-export with --attention {attention} or drop --attention")
-    if kv_block_size is not None and kv_block_size != have.kv_block_size:
-        raise TrtcError(f"--kv-block-size {kv_block_size} differs from the export dir's {have.kv_block_size}; "
-                        f"re-export with it or drop --kv-block-size")
-
-
-def _check_against_export(graphs: RankGraphs, dtype: str, max_seq_len: int | None) -> None:
-    if dtype not in ("auto", graphs.config.dtype):
-        raise TrtcError(f"--dtype {dtype} differs from the export dir's {graphs.config.dtype}; "
-                        f"re-export with --dtype {dtype} or drop --dtype")
-    if max_seq_len is not None and max_seq_len != graphs.config.max_seq_len:
-        raise TrtcError(f"--max-seq-len {max_seq_len} differs from the export dir's "
-                        f"{graphs.config.max_seq_len} (the KV cache length is fixed at export); "
-                        f"re-export with --max-seq-len {max_seq_len} or drop the option")

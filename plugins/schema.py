@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from ..artifact import DEFAULT_KV_BLOCK_SIZE, KV_BLOCK_SIZES
 from ..errors import TrtcError
 
 NAMESPACE = "trtc"
@@ -43,7 +44,7 @@ NAMESPACE = "trtc"
 ACT_DTYPES = ("float16", "bfloat16")
 POOL_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 HEAD_SIZES = (64, 128)
-BLOCK_SIZES = (16, 32, 64)
+BLOCK_SIZES = KV_BLOCK_SIZES   # the block sizes of the contract's paged KV cache (trtc/artifact.py)
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # "auto": the pool has the activations' dtype
 # The SEMANTICS above are defined for any even head size and float32 too; only the kernels are
 # limited to ACT_DTYPES/HEAD_SIZES. `reference=True` in attr_values/check_call checks the
@@ -129,7 +130,7 @@ _COMMON_ATTRS = (
     AttrSpec("num_q_heads", int, None, "query heads Hq"),
     AttrSpec("num_kv_heads", int, None, "key/value heads Hkv; Hq % Hkv == 0 (GQA, MQA when 1)"),
     AttrSpec("head_size", int, None, "D", HEAD_SIZES),
-    AttrSpec("block_size", int, 16, "tokens per KV block", BLOCK_SIZES),
+    AttrSpec("block_size", int, DEFAULT_KV_BLOCK_SIZE, "tokens per KV block", BLOCK_SIZES),
     AttrSpec("kv_cache_dtype", str, "auto", "pool element type: 'auto' (= activations) or 'fp8_e4m3'",
              KV_CACHE_DTYPES),
 )
