@@ -21,9 +21,9 @@ class _Recording:
     def keep(self, rows):
         self.inner.keep(rows)
 
-    def step(self, ids, pos):
+    def step(self, ids, pos, lengths=None):
         self.batches.append(ids.shape[0])
-        return self.inner.step(ids, pos)
+        return self.inner.step(ids, pos, lengths)
 
 
 @pytest.mark.parametrize("family", ["llama"])
