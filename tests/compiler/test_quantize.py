@@ -241,13 +241,14 @@ def tiny_export(tiny_model, tmp_path_factory):
     return out
 
 
-def _quantize(export_dir: Path, out_dir: Path, **quant) -> tuple[Path, dict]:
-    """The quantize stage alone on the export dir's float rank graph: (quantized graph, report)."""
+def _quantize(export_dir: Path, out_dir: Path, src: Path | None = None, **quant) -> tuple[Path, dict]:
+    """The quantize stage alone on the export dir's float rank graph (or `src`, a graph of the same
+    model): (quantized graph, report)."""
     from trtc.compiler.quantize import quantize_rank_graph
 
     cfg = art.read_export_config(export_dir)
     out_dir.mkdir(parents=True)
-    res = quantize_rank_graph(export_dir / art.rank_onnx(0), out_dir / art.rank_onnx(0), cfg.spec,
+    res = quantize_rank_graph(src or export_dir / art.rank_onnx(0), out_dir / art.rank_onnx(0), cfg.spec,
                               make_quant_config(**quant), export_dir, cfg.export_config.max_seq_len)
     return res.onnx_path, res.report
 
@@ -287,27 +288,56 @@ def float_logits(tiny_export):
     return _logits(tiny_export / art.rank_onnx(0), tiny_export)
 
 
-# mode -> (quant kwargs, stored weight type, max relative logit error vs the float graph).
+# The configs the tests below quantize the tiny export with (each once per module).
+QUANT = {
+    "int8_wo": {"algo": "int8_wo"},
+    "int8_awq": {"algo": "int8_awq", "outlier_channels": 8},
+    "int4_awq": {"algo": "int4_awq"},                           # g64, low rank 8 (defaults shrunk)
+    "int4_rtn": {"algo": "int4_rtn", "group_size": 32},
+    "int4_rtn_lr8": {"algo": "int4_rtn", "group_size": 32, "low_rank": 8},
+    "fp8": {"algo": "fp8", "low_rank": 4},                      # + 16 outlier channels (default)
+    "kv_int8": {"kv_cache_dtype": "int8"},
+    "kv_fp8": {"kv_cache_dtype": "fp8"},
+    "nvfp4": {"algo": "nvfp4"},
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_export, tmp_path_factory):
+    """name in QUANT -> (quantized rank graph, report)."""
+    root = tmp_path_factory.mktemp("quantized")
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in cache:
+            cache[name] = _quantize(tiny_export, root / name, **QUANT[name])
+        return cache[name]
+
+    return get
+
+
+# mode -> (stored weight type, max relative logit error vs the float graph).
 # Tolerance = 1.5x the error measured on this tiny random-weight Llama (deterministic: calibration
 # and rounding draw no random numbers; the margin covers BLAS differences between machines), so a
 # change that makes a mode clearly worse fails. Random weights have no structure for int4 to keep:
 # its error is large here, not on real models (bench/RESULTS-quant.md).
 MODES = {
-    "int8_wo": ({"algo": "int8_wo"}, "INT8", 0.050),                              # 0.0330 measured
-    "int8_awq": ({"algo": "int8_awq", "outlier_channels": 8}, "INT8", 0.076),     # 0.0508 (AWQ + outliers)
-    "int4_awq": ({"algo": "int4_awq"}, "INT4", 0.65),                            # 0.434 (g64, low rank 8)
-    "int4_rtn": ({"algo": "int4_rtn", "group_size": 32}, "INT4", 0.61),          # 0.406
-    "fp8": ({"algo": "fp8", "low_rank": 4}, "FLOAT8E4M3FN", 0.25),               # 0.165 (+ 16 outlier channels)
-    "kv_int8": ({"kv_cache_dtype": "int8"}, None, 0.047),                        # 0.0311
+    "int8_wo": ("INT8", 0.050),             # 0.0330 measured
+    "int8_awq": ("INT8", 0.076),            # 0.0508
+    "int4_awq": ("INT4", 0.65),             # 0.434
+    "int4_rtn": ("INT4", 0.61),             # 0.406
+    "fp8": ("FLOAT8E4M3FN", 0.25),          # 0.165
+    "kv_int8": (None, 0.047),               # 0.0311
+    "kv_fp8": (None, 0.29),                 # 0.191 (e4m3: 3 mantissa bits)
 }
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mode_quantizes_every_linear(mode, tiny_export, float_logits, tmp_path):
+def test_mode_quantizes_every_linear(mode, quantized, tiny_export, float_logits):
     import onnx
 
-    kw, wtype, tol = MODES[mode]
-    path, rep = _quantize(tiny_export, tmp_path / mode, **kw)
+    (wtype, tol), kw = MODES[mode], QUANT[mode]
+    path, rep = quantized(mode)
     assert rep["config"]["algo"] == kw.get("algo", "none")
     if wtype is not None:
         stored = [n for n, t in _initializers(path).items()
@@ -321,35 +351,54 @@ def test_mode_quantizes_every_linear(mode, tiny_export, float_logits, tmp_path):
     assert 0 < err < tol, err
 
 
-def test_fp8_outlier_channels(tiny_model, tmp_path):
+def test_nvfp4_stores_fp4_weights(quantized):
+    """ONNX Runtime 1.32 has no FP4 DequantizeLinear kernel: the graph is checked by its build
+    (test_quantized_graph_builds) and its initializers, not its numerics."""
+    import onnx
+
+    path, rep = quantized("nvfp4")
+    types = [t.data_type for t in _initializers(path).values()]
+    assert types.count(onnx.TensorProto.FLOAT4E2M1) == rep["quantized_linears"] == 14
+    assert types.count(onnx.TensorProto.FLOAT8E4M3FN) == 14                 # block scales
+    assert "calibration" not in rep
+
+
+def _massive_activation_graph(export_dir: Path, out_dir: Path) -> Path:
+    """The export's rank graph with channel 7 of each decoder layer's RMSNorm weights x3000 (the
+    input and post-attention norms: every RMSNormalization but the last, the final norm), as
+    scaling those weights in the torch model would export it."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(export_dir / art.rank_onnx(0)))         # tiny: all weights in memory
+    norms = [n for n in m.graph.node if n.op_type == "RMSNormalization"]
+    assert len(norms) == 2 * 2 + 1
+    inits = {t.name: t for t in m.graph.initializer}
+    for i, n in enumerate(norms[:-1]):
+        w = numpy_helper.to_array(inits[n.input[1]]).copy()
+        w[7] *= 3000
+        m.graph.initializer.append(numpy_helper.from_array(w, f"massive_norm_{i}"))
+        n.input[1] = f"massive_norm_{i}"
+    out_dir.mkdir()
+    onnx.save_model(m, str(out_dir / art.rank_onnx(0)))
+    return out_dir / art.rank_onnx(0)
+
+
+def test_fp8_outlier_channels(tiny_export, tmp_path):
     """fp8's outlier decomposition on a tiny Llama whose normalized activations have one channel
     ~3000x the others (massive activations, as real LLMs have): a per-tensor FP8 scale then
     pushes every other channel into FP8's subnormals. Keeping the 4 largest channels out of FP8
     (their float weight rows in a separate MatMul, zero rows in the FP8 weight) must cut the logit
     error (measured 0.170 -> 0.088 relative)."""
     import onnx
-    import torch
     from onnx import numpy_helper
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trtc.compiler.pipeline import export_model
-
-    src = tmp_path / "outlier-model"
-    m = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.input_layernorm.weight[7] *= 3000
-            layer.post_attention_layernorm.weight[7] *= 3000
-    m.save_pretrained(src)
-    AutoTokenizer.from_pretrained(tiny_model("llama")).save_pretrained(src)
-    exp = tmp_path / "export"
-    export_model(str(src), exp, max_seq_len=TINY_MAX_SEQ)
-
-    ref = _logits(exp / art.rank_onnx(0), exp)
+    src = _massive_activation_graph(tiny_export, tmp_path / "massive")
+    ref = _logits(src, tiny_export)
     errs = {}
     for n in (0, 4):
-        path, rep = _quantize(exp, tmp_path / f"fp8-o{n}", algo="fp8", outlier_channels=n)
-        errs[n] = _rel_err(_logits(path, exp), ref)
+        path, rep = _quantize(tiny_export, tmp_path / f"fp8-o{n}", src=src, algo="fp8", outlier_channels=n)
+        errs[n] = _rel_err(_logits(path, tiny_export), ref)
         assert rep["config"]["outlier_channels"] == n
         inits = _initializers(path, with_values=True)
         idx = {k: numpy_helper.to_array(t) for k, t in inits.items() if k.endswith("_outlier_idx")}
@@ -370,14 +419,14 @@ def test_fp8_outlier_channels(tiny_model, tmp_path):
     assert errs[4] < 0.7 * errs[0], errs
 
 
-def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
+def test_low_rank_correction_end_to_end(quantized, tiny_export, float_logits):
     """--low-rank on int4_rtn: each quantized linear gets int8 factors A [K, r], B [r, N] (scale per
     column) in a (x @ A) @ B branch added to its output; the logit error against the float graph drops."""
     import onnx
 
     errs = {}
-    for r in (0, 8):
-        path, rep = _quantize(tiny_export, tmp_path / f"int4-lr{r}", algo="int4_rtn", group_size=32, low_rank=r)
+    for r, name in ((0, "int4_rtn"), (8, "int4_rtn_lr8")):
+        path, rep = quantized(name)
         errs[r] = _rel_err(_logits(path, tiny_export), float_logits)
         assert rep["config"]["low_rank"] == r
         fac = {k: t for k, t in _initializers(path).items() if k.endswith(("_lowrank_a", "_lowrank_b"))}
@@ -395,7 +444,25 @@ def test_low_rank_correction_end_to_end(tiny_export, float_logits, tmp_path):
     assert errs[8] < 0.9 * errs[0], errs           # measured 0.406 -> 0.312
 
 
-# --- real builds: each stored format is accepted by TensorRT-RTX for its targets ---------------
+# --- real builds: what TensorRT-RTX must accept ------------------------------------------------
+
+# name in QUANT -> target. Together they cover every node form the rewrite writes: AWQ's Mul, int8
+# per-column DQ and outlier rows; blockwise int4 DQ, group sums and int8 low-rank factors; FP8
+# activation Q/DQ (sm_89+); 8-bit K/V Q/DQ before the cache write; FP4 weights with FP8 block scales.
+BUILDS = {"int8_awq": "sm_80", "int4_awq": "sm_80", "fp8": "sm_89", "kv_int8": "sm_80", "kv_fp8": "sm_89",
+          "nvfp4": "sm_120"}
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_quantized_graph_builds(name, quantized, tiny_export, tmp_path):
+    """The build stage alone on the quantized graph, with the real builder, for the target."""
+    from trtc.compiler.build import build_engine
+
+    path, _ = quantized(name)
+    cfg = art.BuildConfig(TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, (BUILDS[name],))
+    build_engine(path, art.read_export_config(tiny_export).spec, cfg, RTX, tmp_path / art.rank_engine(0))
+    assert (tmp_path / art.rank_engine(0)).stat().st_size > 0
+
 
 def _build(export_dir: Path, out: Path, target: str, **quant) -> Path:
     from trtc.compiler.pipeline import build_model
@@ -405,45 +472,23 @@ def _build(export_dir: Path, out: Path, target: str, **quant) -> Path:
     return out
 
 
-# name -> (quant kwargs, target). Together they cover every node form the rewrite writes: int8
-# per-column DQ with outlier rows and a KV Q/DQ; blockwise int4 DQ with group sums and int8 low-rank
-# factors; FP8 activation and KV Q/DQ (sm_89+); FP4 weights with FP8 block scales (sm_120).
-BUILDS = {
-    "int8_wo+kv_int8": ({"algo": "int8_wo", "kv_cache_dtype": "int8"}, "sm_80"),
-    "int4_rtn+low_rank": ({"algo": "int4_rtn", "group_size": 32, "low_rank": 4}, "sm_80"),
-    "fp8+kv_fp8": ({"algo": "fp8", "kv_cache_dtype": "fp8"}, "sm_89"),
-    "nvfp4": ({"algo": "nvfp4"}, "sm_120"),
-}
-
-
-@pytest.mark.parametrize("name", BUILDS)
-def test_quantized_graph_builds(name, tiny_export, tmp_path):
-    """The real builder accepts each format for its targets, and the engine dir's kept graph runs
-    on the reference backend as the helper above runs it; NVFP4 is refused there in one line
-    (ONNX Runtime 1.32 has no FP4 DequantizeLinear kernel)."""
+def _session_logits(engine_dir: Path) -> np.ndarray:
+    """The prompt's logits [S, vocab] from the engine dir on the reference backend."""
     from factories import PROMPTS
     from transformers import AutoTokenizer
 
     from trtc.runtime.api import open_session
     from trtc.runtime.engine_dir import load_engine_dir
 
-    kw, target = BUILDS[name]
-    eng = _build(tiny_export, tmp_path / "engine", target, **kw)
-    cfg = art.read_engine_config(eng)
-    assert (eng / art.rank_engine(0)).stat().st_size > 0 and cfg.tensorrt.targets == [target]
-    assert cfg.quantization["config"]["algo"] == kw["algo"]
-    if kw["algo"] == "nvfp4":
-        with pytest.raises(TrtcError, match=r"cannot run .*--quant nvfp4.*DequantizeLinear.*--backend tensorrt"):
-            open_session(load_engine_dir(eng), "onnxruntime")
-        return
-    s = open_session(load_engine_dir(eng), "onnxruntime")
+    s = open_session(load_engine_dir(engine_dir), "onnxruntime")
     s.allocate(1)
-    ids = AutoTokenizer.from_pretrained(eng)(PROMPTS[3])["input_ids"]
-    got = s.step(np.array([ids]), np.arange(len(ids))[None])[0]
-    np.testing.assert_allclose(got, _logits(eng / art.rank_onnx(0), tiny_export), rtol=0, atol=1e-5)
+    ids = AutoTokenizer.from_pretrained(engine_dir)(PROMPTS[3])["input_ids"]
+    return s.step(np.array([ids]), np.arange(len(ids))[None])[0]
 
 
-def test_quantized_export_dir_refuses_second_quantization(tiny_model, tmp_path):
+def test_quantized_export_dir_builds_once(tiny_model, tmp_path):
+    """A dir exported with --quant builds without re-quantizing (a second --quant is refused), and
+    the engine dir's reference backend runs its graph as the helper above does."""
     from trtc.compiler.pipeline import export_model
 
     out = tmp_path / "qexport"
@@ -453,6 +498,16 @@ def test_quantized_export_dir_refuses_second_quantization(tiny_model, tmp_path):
         _build(out, tmp_path / "e", "sm_89", algo="int4_awq")
     eng = _build(out, tmp_path / "e2", "sm_89")          # no --quant: the export's quantization carries over
     assert art.read_engine_config(eng).quantization["quant_algo"] == "int8_wo"
+    np.testing.assert_allclose(_session_logits(eng), _logits(eng / art.rank_onnx(0), out), rtol=0, atol=1e-5)
+
+
+def test_nvfp4_engine_dir_is_refused_by_the_reference_backend(tiny_export, tmp_path):
+    from trtc.runtime.api import open_session
+    from trtc.runtime.engine_dir import load_engine_dir
+
+    eng = _build(tiny_export, tmp_path / "nvfp4", "sm_120", algo="nvfp4")
+    with pytest.raises(TrtcError, match=r"cannot run .*--quant nvfp4.*DequantizeLinear.*--backend tensorrt"):
+        open_session(load_engine_dir(eng), "onnxruntime")
 
 
 # --- bad input through the command: exit 2, one line, nothing written ---------------------------
