@@ -89,7 +89,7 @@ def _cc_enum(trt: ModuleType, target: str) -> Any:
 
 
 def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Flavour,
-                 engine_path: Path, kv_block_size: int | None = None) -> list[Profile]:
+                 engine_path: Path, kv_block_size: int | None = None, label: str | None = None) -> list[Profile]:
     """kv_block_size set: a plugin-form graph (needs flavour.plugins)."""
     if TYPE_CHECKING:
         import tensorrt as trt      # checked against tensorrt's stubs; TensorRT-RTX has the same API
@@ -133,6 +133,8 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
             # TensorRT converts a tuple to Dims (pybind11 implicit conversion); the stubs say Dims only.
             p.set_shape(n, tuple(mn), tuple(op), tuple(mx))  # type: ignore[arg-type]
         config.add_optimization_profile(p)
+    monitor = _progress_monitor(trt, label or engine_path.name)
+    config.progress_monitor = monitor
     # Stream the engine to disk as it is serialized: no second in-memory copy of the engine.
     with open(engine_path, "wb") as f:
         ok = builder.build_serialized_network_to_stream(network, config, _file_writer(trt, f))
@@ -140,6 +142,34 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
         errs = "; ".join(logger.errors()[-5:]) or "no message"
         raise TrtcError(f"{flavour.name} failed to build the engine for {', '.join(cfg.targets)}: {errs}")
     return profiles
+
+
+def _progress_monitor(trt: ModuleType, what: str) -> Any:
+    """The builder's top-level phases, one line each on stderr as they start (the same lines on a
+    terminal and in CI logs: the builder runs in a child whose output must not depend on a tty)."""
+    import sys
+
+    if TYPE_CHECKING:
+        from tensorrt import IProgressMonitor
+    else:
+        IProgressMonitor = trt.IProgressMonitor
+
+    class Progress(IProgressMonitor):
+        def __init__(self) -> None:
+            IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str, num_steps: int) -> None:
+            if not parent_phase:
+                print(f"[trtc]   {what}: {phase_name} ({num_steps} step{'s' if num_steps != 1 else ''})",
+                      file=sys.stderr, flush=True)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True              # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return Progress()
 
 
 def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
@@ -177,6 +207,7 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
 
     from .build_worker import disable_aslr_for_exec, worker_env
 
+    _compile_trtc_once()
     data = onnx_path.parent / art.onnx_data(onnx_path.name)
     with tempfile.TemporaryDirectory(prefix="trtc-build-") as cwd:
         # The same relative names on every build: path lengths shape the builder's allocations.
@@ -184,7 +215,8 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
         if data.is_file():
             os.symlink(data.resolve(), Path(cwd) / data.name)
         req = {"onnx": onnx_path.name, "spec": typed_json.to_json(spec), "build": typed_json.to_json(cfg),
-               "flavour": flavour.name, "engine": "engine.plan", "kv_block_size": kv_block_size}
+               "flavour": flavour.name, "engine": "engine.plan", "kv_block_size": kv_block_size,
+               "label": engine_path.name}
         proc = subprocess.run([sys.executable, "-m", "trtc.compiler.build_worker"], input=json.dumps(req),
                               stdout=subprocess.PIPE, text=True, cwd=cwd, env=worker_env(),
                               preexec_fn=disable_aslr_for_exec)
@@ -205,3 +237,23 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
         shutil.move(str(Path(cwd) / "engine.plan"), str(engine_path))
     profiles = [typed_json.from_json(Profile, p, "build worker") for p in answer["profiles"]]
     return profiles, bool(flavour.reproducible and answer.get("aslr_off"))
+
+
+_COMPILED = False
+
+
+def _compile_trtc_once() -> None:
+    """Write trtc's bytecode before the first build worker starts: a worker that compiles its modules
+    from source allocates differently from one that loads .pyc files, and that alone changed the
+    engine (the first build after an edit, or in a fresh editable checkout, differed from the rest)."""
+    global _COMPILED
+    if not _COMPILED:
+        import compileall
+
+        import trtc
+
+        compileall.compile_dir(str(Path(trtc.__file__).parent), quiet=2)
+        import trtc.compiler as compiler_pkg
+
+        compileall.compile_dir(str(Path(compiler_pkg.__file__).parent), quiet=2)
+        _COMPILED = True

@@ -69,7 +69,8 @@ def main() -> int:
     try:
         profiles = build_engine(Path(req["onnx"]), typed_json.from_json(ModelSpec, req["spec"], "build request"),
                                 typed_json.from_json(BuildConfig, req["build"], "build request"),
-                                FLAVOURS[req["flavour"]], Path(req["engine"]), kv_block_size=req["kv_block_size"])
+                                FLAVOURS[req["flavour"]], Path(req["engine"]), kv_block_size=req["kv_block_size"],
+                                label=req.get("label"))
     except TrtcError as e:
         print(json.dumps({"error": str(e)}))
         return 2

@@ -32,13 +32,25 @@ class _Group(click.Group):
             _fail("interrupted")
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a CI runner cancelling the job) unwinds like Ctrl-C: temp and work dirs are removed."""
+    raise KeyboardInterrupt
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="trtc")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Let third-party warnings and log lines through.")
+def main(verbose: bool) -> None:
     """Compile Hugging Face causal LMs into TensorRT engine dirs and run them."""
+    import signal
+
+    from trtc.log import quiet_third_party
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_third_party(verbose)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _model_option(f):
@@ -100,13 +112,6 @@ def _print_times(times) -> None:
         info(f"[trtc] {name:<10} {dt:7.1f}   {rss:8.0f}")
 
 
-def _tp_size_1(ctx, param, value: int) -> int:
-    if value != 1:
-        raise TrtcError(f"--tp-size {value}: this version builds tp_size 1 only (tensor parallelism is not "
-                        f"implemented yet); use --tp-size 1")
-    return value
-
-
 @main.command()
 @_model_option
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
@@ -115,8 +120,9 @@ def _tp_size_1(ctx, param, value: int) -> int:
 @click.option("--max-batch-size", type=int, default=8, show_default=True)
 @click.option("--max-input-len", type=int, default=None, help="Longest prompt [default: min(1024, max-seq-len)].")
 @click.option("--max-seq-len", type=int, default=None, help="Prompt + generated tokens [default: min(2048, model max)].")
-@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True, callback=_tp_size_1,
-              help="Tensor-parallel ranks (this version builds 1 only).")
+@click.option("--tp-size", type=click.IntRange(min=1), default=None,
+              help="Tensor-parallel ranks: one engine per rank, each with its shard of the weights and the "
+                   "all-reduces inside [default: 1, or the export dir's].")
 @click.option("--target", default=None, metavar="sm_89,sm_120",
               help="Compute capabilities to build for [default: per TensorRT flavour].")
 @click.option("--flavour", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto", show_default=True,
@@ -151,7 +157,7 @@ def build(model, output, dtype, max_batch_size, max_input_len, max_seq_len, targ
                 max_seq_len=max_seq_len, target=target, flavour=flavour, keep_onnx=keep_onnx, dump_after=dump_after,
                 engine_per_target=engine_per_target, attention=attention, kv_block_size=kv_block_size, quant=quant,
                 kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_samples=calib_samples,
-                group_size=group_size, outlier_channels=outlier_channels, low_rank=low_rank)
+                group_size=group_size, outlier_channels=outlier_channels, low_rank=low_rank, tp_size=tp_size)
     path = build_job(opts, no_cache=no_cache, check_reproducible=check_reproducible)
     click.echo(str(path))
 
@@ -190,17 +196,19 @@ def build_job(opts: dict, no_cache: bool = False, check_reproducible: bool = Fal
 @click.option("--dtype", type=DTYPE_CHOICES, default="auto", show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="KV cache length [default: min(2048, model max)].")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the graph structure after this pass to <output>.dump/ (repeatable; large weights are not copied).")
+@click.option("--tp-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel ranks: one rank graph per rank, each with its shard of the weights.")
 @_quant_options
 @_attention_options
-def export(model, output, dtype, max_seq_len, dump_after, attention, kv_block_size, quant, kv_cache_dtype, calib_data,
-           calib_samples, group_size, outlier_channels, low_rank):
+def export(model, output, dtype, max_seq_len, dump_after, tp_size, attention, kv_block_size, quant, kv_cache_dtype,
+           calib_data, calib_samples, group_size, outlier_channels, low_rank):
     """Export a model to ONNX rank graphs (no TensorRT); `trtc build --model DIR` takes the dir."""
     from trtc.compiler.pipeline import export_model
 
     qcfg = _quant_config(quant, kv_cache_dtype, calib_data, calib_samples, group_size, outlier_channels, low_rank)
     path, times = export_model(model, output, dtype=dtype, max_seq_len=max_seq_len, dump_after=tuple(dump_after),
                                quant=qcfg, attention=attention,
-                               kv_block_size=int(kv_block_size) if kv_block_size else None)
+                               kv_block_size=int(kv_block_size) if kv_block_size else None, tp_size=tp_size)
     _print_times(times)
     click.echo(str(path))
 

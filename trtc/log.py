@@ -39,6 +39,33 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def quiet_third_party(verbose: bool = False) -> None:
+    """Keep other libraries' warnings, log lines and progress bars off the user's terminal (torch's
+    exporter, transformers, onnxscript); `--verbose` lets them through."""
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # torch configures its own loggers when imported (after this runs): "-onnx" = ERROR and above
+    os.environ.setdefault("TORCH_LOGS", "-onnx,-dynamo,-export")
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "transformers",
+                 "accelerate", "onnxruntime", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def info(msg: str) -> None:
     if not _quiet:
         print(msg, file=sys.stderr, flush=True)
@@ -46,9 +73,24 @@ def info(msg: str) -> None:
 
 @contextlib.contextmanager
 def stage(name: str, times: StageTimes | None = None, detail: str = ""):
+    """One named stage: its start and end on stderr, its wall time and peak RSS in `times`. Running
+    out of disk or memory inside it is a user error naming the stage and what it had used."""
+    import errno
+
+    from trtc.errors import TrtcError
+
     info(f"[trtc] {name}{(': ' + detail) if detail else ''} ...")
     t0 = time.perf_counter()
-    yield
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise TrtcError(f"{name}: out of disk space writing {e.filename or 'its output'} ({e.strerror}); "
+                        f"free space there, or point TRTC_WORK_DIR / --output at a larger disk") from e
+    except MemoryError as e:
+        raise TrtcError(f"{name}: out of memory after {peak_rss_mb():.0f} MiB resident; use a machine with more "
+                        f"memory, or a smaller model/limits") from e
     dt = time.perf_counter() - t0
     rss = peak_rss_mb()
     if times is not None:
