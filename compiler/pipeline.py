@@ -30,6 +30,7 @@ from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
 from .passes import PassContext, run_passes, validate_dump_after
 from .quantize import QuantConfig, check_targets, quantize_rank_graph, resolve_for_model
+from .shard import check_tp, check_tp_early, stamp_file, tp_for_export
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,39 @@ def _quantize(graphs: RankGraphs, q: QuantConfig, out_dir: Path, times: StageTim
     return dataclasses.replace(graphs, dir=out_dir, graphs=(rg,), io=_io_table(res.model), quantization=res.report)
 
 
+def _shard(graphs: RankGraphs, tp: int, out_dir: Path, times: StageTimes, fingerprint: str) -> RankGraphs:
+    """Split rank 0's graph into tp rank graphs in out_dir (may be graphs.dir: the source is then
+    replaced); see compiler/shard.py."""
+    from .shard import shard_rank_graphs
+
+    staging = out_dir / ".shard"
+    with stage("shard", times, f"tp {tp}: column/row-parallel linears, all-reduce"):
+        ranks, rank0 = shard_rank_graphs(graphs.dir, graphs.graphs[0], staging, graphs.spec, tp, fingerprint)
+        if out_dir.resolve() == graphs.dir.resolve():
+            for n in graphs.files:
+                (graphs.dir / n).unlink()
+        for g in ranks:
+            for n in (g.file, g.data):
+                os.replace(staging / n, out_dir / n)
+        staging.rmdir()
+    return dataclasses.replace(graphs, dir=out_dir, graphs=tuple(ranks), io=_io_table(rank0),
+                               mapping=Mapping(world_size=tp, tp_size=tp))
+
+
+def _export_fingerprint(graphs: RankGraphs, tp: int) -> str:
+    """What an export dir's rank graphs are stamped with (it has no build fingerprint): everything
+    that shapes them."""
+    return fingerprint_of({"trtc": __version__, "format": art.FORMAT_VERSION, "spec": graphs.spec.to_dict(),
+                           "weights": graphs.source.weights_sha256, "files": graphs.source.files_sha256,
+                           "export": dataclasses.asdict(graphs.config), "tp": tp,
+                           "quant": (graphs.quantization or {}).get("fingerprint")})
+
+
+def _quant_blocks(quant: QuantConfig | None) -> tuple[str, int]:
+    """(mode, int4 group size) that decide whether a row-parallel shard holds whole scale blocks."""
+    return (quant.algo, quant.group_size) if quant is not None and quant.enabled else ("none", 0)
+
+
 def _quantization_record(graphs: RankGraphs) -> dict:
     return graphs.quantization or {"quant_algo": None, "kv_cache_quant_algo": None}
 
@@ -137,9 +171,11 @@ def _export_config(loaded: LoadedModel, dtype: str, max_seq_len: int | None, att
 
 def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_len: int | None = None,
                  dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
-                 attention: str | None = None, kv_block_size: int | None = None) -> tuple[Path, StageTimes]:
+                 attention: str | None = None, kv_block_size: int | None = None,
+                 tp_size: int = 1) -> tuple[Path, StageTimes]:
     attention, kv_block_size = resolve_attention(attention, kv_block_size)
     check_plugin_quant(attention, quant)
+    check_tp_early(model, tp_size, attention)
     validate_dump_after(dump_after, attention)
     package.check_output_dir(output, EXPORT_CONFIG)      # before any expensive work
     times = StageTimes()
@@ -147,11 +183,17 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
         loaded = load_model(model)
     if quant is not None and quant.enabled:
         quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
+    check_tp(loaded.spec, tp_size, *_quant_blocks(quant), attention)   # before exporting
     cfg = _export_config(loaded, dtype, max_seq_len, attention, kv_block_size)
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
         graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
         if quant is not None and quant.enabled:
             graphs = _quantize(graphs, quant, tmp, times)
+        stamp = _export_fingerprint(graphs, tp_size)
+        if tp_size > 1:
+            graphs = _shard(graphs, tp_size, tmp, times, stamp)
+        else:
+            stamp_file(tmp / graphs.graphs[0].file, stamp, 0, 1)
         with stage("package", times):
             tok = save_tokenizer(loaded.hf_dir, tmp)
             art.write_config(tmp, art.ExportDirConfig(
@@ -182,11 +224,12 @@ class _BuildInput:
     quant: QuantConfig | None                 # resolved for the model; None: no (further) quantization
     loaded: LoadedModel | None = None         # a model to export
     exported: RankGraphs | None = None        # an export dir's graphs
+    tp: int = 1                               # tensor-parallel ranks to build
 
 
 def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: int | None,
                  attention: str | None, kv_block_size: int | None, flavour: Flavour,
-                 quant: QuantConfig | None, check_limits) -> _BuildInput:
+                 quant: QuantConfig | None, check_limits, tp_size: int | None = None) -> _BuildInput:
     """Either kind of input (a model, or an export dir), loaded and checked against the options."""
     quant = quant if quant is not None and quant.enabled else None
     if is_export_dir(model):
@@ -202,16 +245,21 @@ def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: 
                 raise TrtcError(f"{model} was quantized at export ({graphs.quantization['config']}); "
                                 f"drop --quant/--kv-cache-dtype, or re-export without them")
             quant = resolve_for_model(quant, graphs.spec)
-        return _BuildInput(graphs.spec, graphs.config, graphs.source, quant, exported=graphs)
+        tp = tp_for_export(graphs.mapping.tp_size, tp_size, model)
+        record = (graphs.quantization or {}).get("config") or {}
+        blocks = _quant_blocks(quant) if quant is not None else (record.get("algo", "none"), record.get("group_size", 0))
+        check_tp(graphs.spec, tp, *blocks, graphs.config.attention)
+        return _BuildInput(graphs.spec, graphs.config, graphs.source, quant, exported=graphs, tp=tp)
     with stage("load", times, model or DEFAULT_MODEL):
         loaded = load_model(model)
     ecfg = _export_config(loaded, dtype, max_seq_len, attention or "native", kv_block_size)
     check_limits(loaded.spec, ecfg)                 # before exporting
     if quant is not None:
         quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
+    check_tp(loaded.spec, tp_size or 1, *_quant_blocks(quant), ecfg.attention)   # before exporting
     source = Source(model=loaded.source, weights_sha256=loaded.weights_sha256, files_sha256=loaded.files_sha256,
                     hf_dir=str(loaded.hf_dir))
-    return _BuildInput(loaded.spec, ecfg, source, quant, loaded=loaded)
+    return _BuildInput(loaded.spec, ecfg, source, quant, loaded=loaded, tp=tp_size or 1)
 
 
 def build_fingerprint(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, keep_onnx: bool) -> str:
@@ -223,7 +271,8 @@ def build_fingerprint(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, ver
         "trtc": __version__, "format": art.FORMAT_VERSION, "spec": inp.spec.to_dict(),
         "weights": inp.source.weights_sha256, "files": inp.source.files_sha256, "export": dataclasses.asdict(inp.ecfg),
         "build": dataclasses.asdict(bcfg), "tensorrt": [flavour.name, version],
-        **({"quant": q} if q else {}), **({"keep_onnx": True} if keep_onnx else {})})
+        **({"quant": q} if q else {}), **({"keep_onnx": True} if keep_onnx else {}),
+        **({"tp": inp.tp} if inp.tp > 1 else {})})
 
 
 def request_key(model: str | None, flavour: Flavour, version: str, targets: tuple[str, ...],
@@ -248,11 +297,13 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
                 max_seq_len: int | None = None, keep_onnx: bool = False,
                 dump_after: tuple[str, ...] = (), quant: QuantConfig | None = None,
                 attention: str | None = None, kv_block_size: int | None = None,
-                engine_per_target: bool = False, cache=None, job: dict | None = None) -> tuple[Path, StageTimes]:
+                engine_per_target: bool = False, cache=None, job: dict | None = None,
+                tp_size: int | None = None) -> tuple[Path, StageTimes]:
     """Build an engine dir from a model or an export dir.
 
     attention/kv_block_size None: native, or the export dir's. cache: a compiler.cache.EngineCache
-    (None: always build). job: what to record as the job in the provenance statement."""
+    (None: always build). job: what to record as the job in the provenance statement.
+    tp_size: tensor-parallel ranks (None: 1, or the export dir's)."""
     from .build import check_plugin_kernels
 
     if not is_export_dir(model):
@@ -261,6 +312,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         check_plugin_quant(attention, quant)
     if quant is not None and quant.enabled:
         check_targets(quant, flavour, targets)          # fp8 needs sm_89+, ...: the API keeps the CLI's policy
+    check_tp_early(model, tp_size, attention)
     validate_dump_after(dump_after, attention or "native")
     package.check_output_dir(output, ENGINE_CONFIG)      # before any expensive work
     engine_per_target = engine_per_target or not flavour.multi_target
@@ -283,13 +335,14 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         request = request_key(model, flavour, version, targets, quant, dict(
             dtype=dtype, max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
             keep_onnx=keep_onnx, attention=attention, kv_block_size=kv_block_size,
-            engine_per_target=engine_per_target))
+            engine_per_target=engine_per_target, **({"tp_size": tp_size} if tp_size else {})))
         known = cache.recall(request)
         if known is not None:
             with cache.lock(known), stage("cache", times, f"lookup {known}"):
                 if cache.fetch(known, output, lambda d: package.write_provenance(d, job)):
                     return output, times
-    inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits)
+    inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits,
+                       tp_size)
     bcfg = build_config(inp.ecfg)
     fingerprint = build_fingerprint(inp, bcfg, flavour, version, keep_onnx)
     if cache is None or request is None:
@@ -340,6 +393,8 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
                                          output.parent / (output.name + ".dump"))
         if inp.quant is not None:
             graphs = _quantize(graphs, inp.quant, work / "quant", times)
+        if inp.tp > graphs.mapping.tp_size:
+            graphs = _shard(graphs, inp.tp, work / "shard", times, fingerprint)
         spec, ecfg = graphs.spec, graphs.config
         per_target = [[t] for t in bcfg.targets] if bcfg.engine_per_target else [list(bcfg.targets)]
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
@@ -350,7 +405,8 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
                                         file=art.rank_engine(g.rank, tg[0] if bcfg.engine_per_target else None))
                     with stage("build", times, f"{flavour.name} {version}, rank {g.rank}, targets {','.join(tg)}"):
                         profiles, repro = build_engine_isolated(
-                            graphs.dir / g.file, spec, dataclasses.replace(bcfg, targets=tuple(tg)), flavour,
+                            graphs.dir / g.file, art.rank_spec(spec, graphs.mapping.tp_size),
+                            dataclasses.replace(bcfg, targets=tuple(tg)), flavour,
                             tmp / ef.file, kv_block_size=ecfg.kv_block_size)
                     engines.append(ef)
                     reproducible = reproducible and repro
@@ -363,6 +419,7 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
                 for g in kept:
                     for n in (g.file, g.data):
                         shutil.copy2(graphs.dir / n, tmp / n)
+                    stamp_file(tmp / g.file, fingerprint, g.rank, graphs.mapping.world_size)
                 art.write_config(tmp, art.EngineConfig(
                     format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=spec,
                     export_config=ecfg, mapping=graphs.mapping, quantization=_quantization_record(graphs),

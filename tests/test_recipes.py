@@ -18,7 +18,7 @@ from trtc.recipes import expand, load_jobs, recipe_keys, run_options
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.toml"))
 # Shipped examples that cannot validate in this version, with the reason the error must give.
-EXPECTED_INVALID = {"llama-3.1-8b-fp8-tp2.toml": "builds tp_size 1 only"}
+EXPECTED_INVALID: dict[str, str] = {}
 
 TINY_2X2 = """\
 model = "@MODEL@"
@@ -123,7 +123,7 @@ def test_name_and_output_templates(tmp_path):
     (('dtype = "float16"', 'keep_onnx = "yes"'), ["--keep-onnx is a flag"]),
     (('dtype = "float16"', 'dump_after = "cleanup"'), []),     # a single value for a repeatable option: fine
     (('dtype = "float16"', 'model = "again"'), ["not valid TOML"]),   # a key twice: TOML's own error
-    (('dtype = "float16"', 'tp_size = 2'), ["job tiny-sm_86-none", "builds tp_size 1 only"]),
+    (('dtype = "float16"', 'tp_size = 2\nattention = "plugin"'), ["job tiny-sm_86-none", "--attention plugin with --tp-size 2"]),
     (('"none", "int8_wo"', '"none", "fp8"'), ["job tiny-sm_86-fp8", "--quant fp8", "sm_86"]),
     (('"sm_86", "sm_89"', '"sm_86", "sm_90"'), ["job tiny-sm_90-none", "sm_90 is not supported by tensorrt_rtx"]),
     (('["sm_86", "sm_89"]', '"sm_89"'), ["matrix.target", "non-empty list"]),
@@ -150,7 +150,7 @@ def test_build_config_refuses_other_options(tmp_path):
     assert_one_error(trtc("build", "--config", recipe, "--job", "tiny-sm_86-int8"),
                      "has no such job", "did you mean tiny-sm_86-int8_wo?")
     assert_one_error(trtc("build", "--config", tmp_path / "missing.toml"), "missing.toml: no such file")
-    assert_one_error(trtc("build", "--tp-size", "2"), "--tp-size 2", "builds tp_size 1 only")
+    assert_one_error(trtc("build", "--tp-size", "2"), "--tp-size 2", "valid tp sizes for this model: 1, 3")
 
 
 @pytest.mark.slow

@@ -43,6 +43,27 @@ def is_rank_file(name: str) -> bool:
     return name.startswith("rank")
 
 
+# Stamp in every rank graph's metadata_props: which build it belongs to (engine dir: config.json's
+# fingerprint; export dir: one fingerprint shared by its ranks), its rank and the world size.
+GRAPH_FINGERPRINT, GRAPH_RANK, GRAPH_WORLD_SIZE = "trtc.fingerprint", "trtc.rank", "trtc.world_size"
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    """KV heads one tensor-parallel rank holds: its share, or one (replicated) when tp exceeds them."""
+    return num_kv_heads // tp if tp <= num_kv_heads else 1
+
+
+def rank_spec(spec: ModelSpec, tp: int) -> ModelSpec:
+    """The model as one rank's graph of a tp-way split sees it: its query heads, the KV heads it
+    holds (cache shapes), its slice of the MLP. tp 1: the spec itself."""
+    import dataclasses
+
+    if tp == 1:
+        return spec
+    return dataclasses.replace(spec, num_heads=spec.num_heads // tp, intermediate_size=spec.intermediate_size // tp,
+                               num_kv_heads=kv_heads_per_rank(spec.num_kv_heads, tp))
+
+
 # --- graph I/O names ----------------------------------------------------------------------------
 # Native form: input_ids, position_ids int64 [batch, seq]; one cache per layer and K/V,
 # [batch, kv_heads, max_seq_len, head_dim], as `past_key_values.{i}.{key,value}` in and

@@ -31,7 +31,7 @@ from trtc.errors import TrtcError
 
 NAME, MATRIX = "name", "matrix"                   # recipe keys that are not build options
 COMMAND_OPTIONS = ("recipe", "job_name")          # build's --config/--job: what selects the jobs
-NOT_PASSED = ("tp_size",)                         # checked by its option (1 only), not passed on: no TP yet
+NOT_PASSED: tuple[str, ...] = ()                  # recipe keys checked here but not passed on to build_job
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -249,7 +249,22 @@ def _resolve(params: dict):
     fl = FLAVOURS[params["flavour"]] if params["flavour"] in FLAVOURS else resolve_flavour(params["flavour"])
     targets = parse_targets(params["target"], fl) if params["target"] else default_targets(q, fl)
     check_targets(q, fl, targets)
+    _check_tp(params, q)
     return fl, targets
+
+
+def _check_tp(params: dict, q) -> None:
+    """--tp-size against the model's heads and sizes when its config is readable without loading
+    it (a local dir, a prepared bundled model, an export dir); else the build checks it first."""
+    from trtc.compiler.quantize import resolve_for_model
+    from trtc.compiler.shard import check_tp, check_tp_attention, local_spec
+
+    tp = params.get("tp_size") or 1
+    check_tp_attention(tp, params.get("attention") or "native")
+    spec = local_spec(params["model"]) if tp > 1 else None
+    if spec is not None:
+        q = resolve_for_model(q, spec) if q.enabled else q
+        check_tp(spec, tp, q.algo, q.group_size if q.enabled else 0, params.get("attention") or "native")
 
 
 def load_jobs(path: Path | str) -> list[Job]:
