@@ -85,26 +85,28 @@ def test_target_checks_name_target_and_alternative():
     check_targets(None, RTX, ("sm_75",))
 
 
+def _spec(hidden: int, heads: int, head_dim: int, intermediate: int):
+    """A real ModelSpec with the layer sizes resolve_for_model checks."""
+    import dataclasses
+
+    from factories import pass_test_spec
+
+    return dataclasses.replace(pass_test_spec(num_heads=heads, num_kv_heads=heads, head_dim=head_dim),
+                               hidden_size=hidden, intermediate_size=intermediate)
+
+
 def test_group_size_against_model():
-    from trtc.spec import ModelSpec
-
-    class S:   # the fields resolve_for_model reads (SmolLM2-135M sizes)
-        hidden_size, num_heads, head_dim, intermediate_size = 576, 9, 64, 1536
-
-    spec: ModelSpec = S()  # type: ignore[assignment]
+    spec = _spec(576, 9, 64, 1536)     # SmolLM2-135M sizes
     assert resolve_for_model(make_quant_config("int4_awq"), spec).group_size == 64   # default falls back
     with pytest.raises(TrtcError, match="--group-size 128 does not divide the hidden size 576"):
         resolve_for_model(make_quant_config("int4_awq", group_size=128), spec)      # explicit: never changed
     assert resolve_for_model(make_quant_config("int4_awq", group_size=32), spec).group_size == 32
     # the default low rank (64) fits SmolLM2; on a tiny model it shrinks, an explicit one is refused
     assert resolve_for_model(make_quant_config("int4_awq"), spec).low_rank == 64
-
-    class Tiny:
-        hidden_size, num_heads, head_dim, intermediate_size = 64, 4, 16, 128
-
-    assert resolve_for_model(make_quant_config("int4_awq"), Tiny()).low_rank == 8
+    tiny = _spec(64, 4, 16, 128)
+    assert resolve_for_model(make_quant_config("int4_awq"), tiny).low_rank == 8
     with pytest.raises(TrtcError, match="--low-rank 64 is too large for the hidden size 64"):
-        resolve_for_model(make_quant_config("int4_awq", low_rank=64), Tiny())
+        resolve_for_model(make_quant_config("int4_awq", low_rank=64), tiny)
 
 
 # --- numpy quantizers --------------------------------------------------------------------------
