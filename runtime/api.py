@@ -36,6 +36,10 @@ def open_session(ed: EngineDir, backend: str = "auto") -> Session:
     graphs, else an error that says what is missing for each."""
     if backend not in BACKENDS:
         raise TrtcError(f"--backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if ed.config.mapping.world_size > 1:     # tensor parallel: a session over every rank
+        from .tp_session import open_tp_session
+
+        return open_tp_session(ed, backend)
     reason = None
     if ed.is_export or ed.attention == "plugin":
         # An export dir has no engine; running plugin-form engines in TensorRT (plugin registration,

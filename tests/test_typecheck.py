@@ -32,6 +32,7 @@ PACKAGE_DIRS = {"compiler": "compiler", "runtime": "runtime", "plugins": "plugin
 
 # Every module that touches TensorRT.
 CHECKED = ["trtc.flavour", "trtc.compiler.build", "trtc.runtime.tensorrt_plan", "trtc.runtime.tensorrt_session",
+           "trtc.runtime.launcher",
            "trtc.plugins.tensorrt_plugin"]
 
 

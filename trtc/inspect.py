@@ -17,6 +17,7 @@ def describe(path: Path, verify: bool = False) -> dict:
     cfg = art.read_dir_config(path)
     engine = isinstance(cfg, EngineConfig)
     kind = "engine dir" if engine else "export dir"
+    ranks = _ranks(Path(path), cfg, kind)
     if verify:
         art.verify_files(path, cfg.files, rebuild_hint=f"rebuild the {kind}",
                          config_name=art.ENGINE_CONFIG if engine else art.EXPORT_CONFIG)
@@ -37,6 +38,7 @@ def describe(path: Path, verify: bool = False) -> dict:
         "attention": cfg.export_config.attention,
         "tensorrt": to_json(cfg.tensorrt) if isinstance(cfg, EngineConfig) else None,
         "mapping": to_json(cfg.mapping),
+        "ranks": ranks,
         "engines": [{**to_json(e), "size": sizes.get(e.file)} for e in cfg.engines]
         if isinstance(cfg, EngineConfig) else [],
         "limits": limits,
@@ -44,6 +46,34 @@ def describe(path: Path, verify: bool = False) -> dict:
         "files": sizes,
         "verified": verify,
     }
+
+
+def _ranks(path: Path, cfg, kind: str) -> list[dict]:
+    """Per rank: its engine and graph files with their sizes. Cheap checks without --verify: every
+    rank file is there with its listed size, and (tensor-parallel dirs) each rank graph carries this
+    build's stamp and its own rank."""
+    from trtc.errors import TrtcError
+
+    out = []
+    for r in cfg.mapping.ranks:
+        files = [e.file for e in cfg.engines if e.rank == r] if isinstance(cfg, EngineConfig) else []
+        g = cfg.rank_graph(r)
+        files += [g.file, g.data] if g is not None else []
+        for n in files:
+            entry, p = cfg.files.get(n), path / n
+            if not p.is_file():
+                raise TrtcError(f"{p} (rank {r} of {cfg.mapping.world_size}) is missing; rebuild the {kind}")
+            if entry is not None and p.stat().st_size != entry.size:
+                raise TrtcError(f"{p} is {p.stat().st_size} bytes, but the {kind}'s config lists {entry.size} for "
+                                f"rank {r}: a rank file of another build, or damaged; rebuild the {kind}")
+        out.append({"rank": r, "files": {n: cfg.files[n].size if n in cfg.files else None for n in files},
+                    "size": sum(cfg.files[n].size for n in files if n in cfg.files)})
+    if cfg.mapping.world_size > 1 and cfg.rank_graph(0) is not None:
+        from trtc.runtime.engine_dir import EngineDir
+        from trtc.runtime.tp_session import check_rank_stamps
+
+        check_rank_stamps(EngineDir(path, cfg))
+    return out
 
 
 def _verify_dir(path: Path, cfg, kind: str) -> None:
@@ -99,6 +129,9 @@ def format_text(d: dict) -> str:
     for e in d["engines"]:
         size = f"{e['size'] / 2**20:.1f} MiB" if e["size"] is not None else "size unknown"
         lines.append(f"  engine     rank {e['rank']}: {e['file']} ({size}), targets {', '.join(e['targets'])}")
+    if mp["world_size"] > 1:
+        for rk in d["ranks"]:
+            lines.append(f"  rank {rk['rank']:<5} {rk['size'] / 2**20:.1f} MiB: " + ", ".join(rk["files"]))
     src = d["source"]
     lines.append(f"  source     {src.get('model')} (weights sha256 {str(src.get('weights_sha256'))[:16]}...)")
     for n, size in d["files"].items():
