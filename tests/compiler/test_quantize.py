@@ -488,6 +488,7 @@ def _session_logits(engine_dir: Path) -> np.ndarray:
     return s.step(np.array([ids]), np.arange(len(ids))[None])[0]
 
 
+@pytest.mark.slow     # a second export, then a pipeline build: 9-17 s here
 def test_quantized_export_dir_builds_once(tiny_model, tmp_path):
     """A dir exported with --quant builds without re-quantizing (a second --quant is refused), and
     the engine dir's reference backend runs its graph as the helper above does."""
