@@ -28,6 +28,10 @@ class FamilyAdapter:
     qkv_bias: Callable[[Any], bool]
     qk_norm: bool
     sliding_window: Callable[[Any], int | None]
+    norm_eps: Callable[[Any], float] = lambda c: float(c.rms_norm_eps)
+    # The family's own ModelSpec fields (per-layer attention, soft-capping, rotary variants) and
+    # its refusals (TrtcError naming the feature and the config field), after the common fields.
+    refine: Callable[[Any, ModelSpec], ModelSpec] = lambda c, spec: spec
 
     def spec_from_config(self, cfg: Any) -> ModelSpec:
         heads = int(cfg.num_attention_heads)
@@ -44,7 +48,7 @@ class FamilyAdapter:
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
         archs = list(getattr(cfg, "architectures", None) or [self.architectures[0]])
-        return ModelSpec(
+        return self.refine(cfg, ModelSpec(
             family=self.name,
             architecture=archs[0],
             vocab_size=int(cfg.vocab_size),
@@ -57,7 +61,7 @@ class FamilyAdapter:
             max_position_embeddings=int(cfg.max_position_embeddings),
             rope_type=rope_type,
             rope_theta=float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))),
-            rms_norm_eps=float(cfg.rms_norm_eps),
+            rms_norm_eps=self.norm_eps(cfg),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias(cfg),
             qk_norm=self.qk_norm,
@@ -65,7 +69,7 @@ class FamilyAdapter:
             source_dtype=str(dtype).replace("torch.", ""),
             bos_token_id=cfg.bos_token_id,
             eos_token_ids=eos_ids,
-        )
+        ))
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}

@@ -129,6 +129,12 @@ def other_files_sha256(hf_dir: Path) -> str:
     return digests.sha256_files(files)
 
 
+def attn_implementation(spec: ModelSpec) -> str:
+    """SDPA exports as one Attention node; soft-capped scores need HF's eager attention (MatMul,
+    Tanh, Softmax), which the passes keep decomposed (TensorRT's Attention has no softcap)."""
+    return "eager" if spec.attn_logit_softcapping else "sdpa"
+
+
 def load_torch_model(loaded: LoadedModel, dtype: str):
     """The HF torch module in `dtype`, in eval mode, on CPU."""
     import torch
@@ -138,7 +144,7 @@ def load_torch_model(loaded: LoadedModel, dtype: str):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            loaded.hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+            loaded.hf_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation(loaded.spec))
     except (OSError, ValueError, EOFError, SafetensorError) as e:  # truncated or corrupt weight files
         raise TrtcError(f"cannot load the weights in {loaded.hf_dir}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}; re-copy or re-save the model dir") from e

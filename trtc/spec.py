@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     family: str                    # registered family adapter name, e.g. "llama"
@@ -31,21 +34,47 @@ class ModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
-    sliding_window: int | None     # tokens a query sees (itself included); None = full causal
+    sliding_window: int | None     # tokens a query of a sliding layer sees (itself included); None = none slides
     source_dtype: str              # dtype recorded in the HF config ("float32", "bfloat16", ...)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Per-layer attention kinds, as HF names them: "sliding_attention" (sees `sliding_window`
+    # tokens) or "full_attention". Empty: every layer alike (sliding when sliding_window is set).
+    layer_types: tuple[str, ...] = ()
+    attn_logit_softcapping: float | None = None    # scores -> c * tanh(scores / c), before the mask
+    final_logit_softcapping: float | None = None   # logits -> c * tanh(logits / c)
+    rope_local_theta: float | None = None          # rope base of the sliding layers; None: rope_theta
+    nope_layers: tuple[int, ...] = ()              # layers without rotary embedding
+    rotary_dim: int | None = None                  # leading dims of a head that rotate; None: head_dim
+
+    def __post_init__(self) -> None:
+        from trtc.errors import TrtcError
+
+        if self.layer_types and (len(self.layer_types) != self.num_layers
+                                 or set(self.layer_types) - set(LAYER_TYPES)):
+            raise TrtcError(f"layer_types {list(self.layer_types)} must name one of {', '.join(LAYER_TYPES)} "
+                            f"for each of the {self.num_layers} layers")
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise TrtcError(f"nope_layers {list(self.nope_layers)} must be layer indices below {self.num_layers}")
+
+    def window(self, layer: int) -> int | None:
+        """Tokens a query of `layer` attends to (itself included); None: full causal."""
+        if not self.sliding_window or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["eos_token_ids"] = list(self.eos_token_ids)
+        for k in ("eos_token_ids", "layer_types", "nope_layers"):
+            d[k] = list(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
+        for k in ("eos_token_ids", "layer_types", "nope_layers"):
+            kw[k] = tuple(kw.get(k) or ())
         return cls(**kw)
 
 
