@@ -50,29 +50,33 @@ def describe(path: Path, verify: bool = False) -> dict:
 
 def _ranks(path: Path, cfg, kind: str) -> list[dict]:
     """Per rank: its engine and graph files with their sizes. Cheap checks without --verify: every
-    rank file is there with its listed size, and (tensor-parallel dirs) each rank graph carries this
-    build's stamp and its own rank."""
+    rank file is there, (tensor-parallel dirs) each rank graph carries this build's stamp and its own
+    rank, and every rank file has its listed size."""
     from trtc.errors import TrtcError
 
-    out = []
+    per_rank = []
     for r in cfg.mapping.ranks:
         files = [e.file for e in cfg.engines if e.rank == r] if isinstance(cfg, EngineConfig) else []
         g = cfg.rank_graph(r)
         files += [g.file, g.data] if g is not None else []
         for n in files:
-            entry, p = cfg.files.get(n), path / n
-            if not p.is_file():
-                raise TrtcError(f"{p} (rank {r} of {cfg.mapping.world_size}) is missing; rebuild the {kind}")
-            if entry is not None and p.stat().st_size != entry.size:
-                raise TrtcError(f"{p} is {p.stat().st_size} bytes, but the {kind}'s config lists {entry.size} for "
-                                f"rank {r}: a rank file of another build, or damaged; rebuild the {kind}")
-        out.append({"rank": r, "files": {n: cfg.files[n].size if n in cfg.files else None for n in files},
-                    "size": sum(cfg.files[n].size for n in files if n in cfg.files)})
+            if not (path / n).is_file():
+                raise TrtcError(f"{path / n} (rank {r} of {cfg.mapping.world_size}) is missing; rebuild the {kind}")
+        per_rank.append(files)
     if cfg.mapping.world_size > 1 and cfg.rank_graph(0) is not None:
         from trtc.runtime.engine_dir import EngineDir
         from trtc.runtime.tp_session import check_rank_stamps
 
         check_rank_stamps(EngineDir(path, cfg))
+    out = []
+    for r, files in enumerate(per_rank):
+        for n in files:
+            entry, size = cfg.files.get(n), (path / n).stat().st_size
+            if entry is not None and size != entry.size:
+                raise TrtcError(f"{path / n} is {size} bytes, but the {kind}'s config lists {entry.size} for rank {r}: "
+                                f"a rank file of another build, or damaged; rebuild the {kind}")
+        out.append({"rank": r, "files": {n: cfg.files[n].size if n in cfg.files else None for n in files},
+                    "size": sum(cfg.files[n].size for n in files if n in cfg.files)})
     return out
 
 
