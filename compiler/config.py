@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .quant_config import QuantConfig
 
 __all__ = ["BuildConfig", "ExportConfig", "check_against_export", "check_attention_against_export",
-           "check_plugin_flavour", "check_plugin_quant", "resolve_attention", "resolve_dtype"]
+           "check_plugin_flavour", "check_plugin_quant", "check_quant_dtype", "resolve_attention", "resolve_dtype"]
 
 
 def resolve_dtype(requested: str, source_dtype: str) -> str:
@@ -76,3 +76,10 @@ def check_against_export(have: ExportConfig, dtype: str, max_seq_len: int | None
         raise TrtcError(f"--max-seq-len {max_seq_len} differs from the export dir's "
                         f"{have.max_seq_len} (the KV cache length is fixed at export); "
                         f"re-export with --max-seq-len {max_seq_len} or drop the option")
+
+
+def check_quant_dtype(quant: "QuantConfig | None", dtype: str) -> None:
+    """Calibration runs the float graph on ONNX Runtime, whose CPU provider has no bfloat16 kernels."""
+    if quant is not None and quant.enabled and quant.needs_calibration and dtype == "bfloat16":
+        raise TrtcError(f"--quant {quant.algo} calibrates on ONNX Runtime, which cannot run bfloat16 graphs; "
+                        f"quantize with --dtype float16 or float32")

@@ -110,3 +110,21 @@ def write_provenance(d: Path, job: dict | None = None) -> Path:
     path = d / art.PROVENANCE
     path.write_text(json.dumps(statement, indent=2) + "\n")
     return path
+
+
+def work_dir(output: Path, need_bytes: int = 0) -> Path:
+    """Scratch dir for a build's large intermediates (traced and quantized graphs: about the model's
+    size each): under $TRTC_WORK_DIR when set, else next to the output (the system temp dir is often
+    small or memory-backed on CI runners). Checks free space first; the caller removes it (also on
+    SIGTERM/Ctrl-C, which unwind through its `finally`)."""
+    base = Path(os.environ["TRTC_WORK_DIR"]) if os.environ.get("TRTC_WORK_DIR") else final_parent(output)
+    base.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(base).free
+    if need_bytes and free < need_bytes:
+        raise TrtcError(f"the build needs about {need_bytes / 2**30:.1f} GiB of scratch space in {base} and "
+                        f"{free / 2**30:.1f} GiB is free; free space there, or set TRTC_WORK_DIR to a larger disk")
+    return Path(tempfile.mkdtemp(prefix=f".trtc-work-{output.name}-", dir=base))
+
+
+def final_parent(output: Path) -> Path:
+    return output.resolve().parent

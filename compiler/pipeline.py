@@ -24,7 +24,7 @@ from trtc.log import StageTimes, info, stage
 from trtc.spec import ModelSpec, fingerprint_of
 
 from . import package
-from .config import (BuildConfig, ExportConfig, check_against_export, check_attention_against_export,
+from .config import (BuildConfig, ExportConfig, check_against_export, check_attention_against_export, check_quant_dtype,
                      check_plugin_flavour, check_plugin_quant, resolve_attention, resolve_dtype)
 from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
@@ -84,7 +84,7 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
         traced = trace(loaded, cfg, work / "traced")
     with stage("passes", times):
         graph = load_graph(traced.onnx_path)
-        ctx = PassContext(spec=loaded.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
+        ctx = PassContext(spec=traced.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
                           dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None,
                           attention=cfg.attention, kv_block_size=cfg.kv_block_size)
         graph = run_passes(graph, ctx)
@@ -95,7 +95,7 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
         io = _io_table(model)
         del model, graph
         shutil.rmtree(work / "traced", ignore_errors=True)
-    return RankGraphs(dir=work, graphs=(rg,), spec=loaded.spec, config=cfg, io=io,
+    return RankGraphs(dir=work, graphs=(rg,), spec=traced.spec, config=cfg, io=io,
                       source=Source(model=loaded.source, weights_sha256=loaded.weights_sha256,
                                     files_sha256=loaded.files_sha256, hf_dir=str(loaded.hf_dir)),
                       tokenizer_dir=loaded.hf_dir, pass_stats=dict(ctx.stats))
@@ -185,6 +185,7 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
         quant = resolve_for_model(quant, loaded.spec)   # bad group size: fail before exporting
     check_tp(loaded.spec, tp_size, *_quant_blocks(quant), attention)   # before exporting
     cfg = _export_config(loaded, dtype, max_seq_len, attention, kv_block_size)
+    check_quant_dtype(quant, cfg.dtype)
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
         graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
         if quant is not None and quant.enabled:
@@ -343,6 +344,10 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
                     return output, times
     inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits,
                        tp_size)
+    check_quant_dtype(inp.quant, inp.ecfg.dtype)
+    if inp.exported is not None and (inp.exported.quantization or {}).get("config"):
+        # quantized at export: its mode must suit this build's targets too (fp8 needs sm_89+, ...)
+        check_targets(QuantConfig(**inp.exported.quantization["config"]), flavour, targets)
     bcfg = build_config(inp.ecfg)
     fingerprint = build_fingerprint(inp, bcfg, flavour, version, keep_onnx)
     if cache is None or request is None:
@@ -380,11 +385,23 @@ def check_reproducible_build(model: str | None, output: Path, flavour: Flavour, 
     return out, times
 
 
+def _weight_bytes(inp: _BuildInput) -> int:
+    """Bytes of the model's weights in the export dtype (0 for an export dir: nothing is traced)."""
+    if inp.loaded is None:
+        return 0
+    from .load import weight_files
+
+    src = sum(f.stat().st_size for f in weight_files(inp.loaded.hf_dir))
+    src_bytes = 4 if inp.spec.source_dtype == "float32" else 2
+    return src * (4 if inp.ecfg.dtype == "float32" else 2) // src_bytes
+
+
 def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, fingerprint: str,
            keep_onnx: bool, output: Path, times: StageTimes, dump_after: tuple[str, ...], job: dict | None) -> None:
     from .build import build_engine_isolated
 
-    work = Path(tempfile.mkdtemp(prefix="trtc-work-"))
+    # scratch: traced + quantized graphs, each about the weights' size in the export dtype
+    work = package.work_dir(output, need_bytes=2 * _weight_bytes(inp))
     try:
         graphs = inp.exported
         if graphs is None:

@@ -180,3 +180,29 @@ def test_not_a_gguf(tmp_path):
 def test_chat_without_template(tiny_engine):
     assert_user_error(trtc("run", tiny_engine("llama"), "--backend", "onnxruntime", "--chat", "--prompt", "hi"),
                       "no chat template", "--chat")
+
+
+@pytest.mark.slow
+def test_process_sigterm_during_export_leaves_nothing(tmp_path, tiny_model):
+    """A CI runner cancelling the job sends SIGTERM: the build stops with one line, exit 2, and
+    neither the output's temp dir nor the scratch work dir (TRTC_WORK_DIR) is left behind."""
+    import signal
+    import time
+
+    scratch = tmp_path / "scratch"
+    env = dict(os.environ, TRTC_WORK_DIR=str(scratch))
+    proc = subprocess.Popen([sys.executable, "-m", "trtc.cli", "build", "--model", str(tiny_model("llama")),
+                             "--target", "sm_89", "--no-cache", "--output", str(tmp_path / "out")],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:               # wait until the export stage runs
+        lines.append(line)
+        if line.startswith("[trtc] export"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 2, "".join(lines) + rest
+    assert "trtc: error: interrupted" in rest and "Traceback" not in rest
+    assert list(scratch.iterdir()) == []
+    assert_nothing_written(tmp_path, "out")

@@ -232,6 +232,32 @@ def test_build_model_refuses_unsupported_target_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_calibrated_modes_refuse_bfloat16_before_exporting(tiny_model, tmp_path):
+    """Calibration runs the float graph on ONNX Runtime, which has no bfloat16 kernels: a clear error
+    before any export work (it used to be a KeyError inside calibration)."""
+    from trtc.compiler.pipeline import build_model, export_model
+
+    with pytest.raises(TrtcError, match="cannot run bfloat16 graphs; quantize with --dtype float16"):
+        build_model(str(tiny_model("llama")), tmp_path / "out", RTX, ("sm_89",), dtype="bfloat16",
+                    quant=make_quant_config("int8_wo"))
+    with pytest.raises(TrtcError, match="cannot run bfloat16"):
+        export_model(str(tiny_model("llama")), tmp_path / "exp", dtype="bfloat16", quant=make_quant_config("fp8"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slow
+def test_export_dir_quantized_at_export_keeps_the_target_policy(tiny_model, tmp_path):
+    """An export dir quantized with fp8 cannot be built for sm_86 either."""
+    from trtc.compiler.pipeline import build_model, export_model
+
+    exp, _ = export_model(str(tiny_model("llama")), tmp_path / "exp", max_seq_len=TINY_MAX_SEQ,
+                          quant=make_quant_config("fp8", calib_samples=2))
+    with pytest.raises(TrtcError, match=r"--quant fp8 needs compute capability 8\.9\+.*sm_86"):
+        build_model(str(exp), tmp_path / "out", RTX, ("sm_86",), max_batch_size=TINY_MAX_BATCH,
+                    max_input_len=TINY_MAX_INPUT)
+    assert not (tmp_path / "out").exists()
+
+
 # --- end to end on a tiny model: the quantize stage on one float export, run on ONNX Runtime -----
 
 @pytest.fixture(scope="module")
