@@ -63,6 +63,9 @@ def check_tp(spec: ModelSpec, tp: int, algo: str = "none", group_size: int = 0, 
     if getattr(spec, "num_experts", 0):     # a field of newer specs (mixture of experts)
         raise TrtcError(f"--tp-size {tp}: tensor parallelism of mixture-of-experts MLPs is not implemented; "
                         f"use --tp-size 1")
+    if getattr(spec, "fused_projections", False):
+        raise TrtcError(f"--tp-size {tp}: {spec.family}'s fused qkv_proj / gate_up_proj weights are not split by "
+                        f"trtc's sharding yet (it splits separate q, k, v, gate and up linears); use --tp-size 1")
     why = _tp_problem(spec, tp)
     if why:
         valid = ", ".join(map(str, valid_tp_sizes(spec)))
@@ -398,6 +401,8 @@ class _Weights:
         self.f = open(out, "wb")
         self._maps: dict[str, object] = {}
         self._made: dict[tuple, object] = {}      # (source name, axis, selection) -> the sliced constant
+        self.written: set[str] = set()            # tensors whose bytes are in this rank's file (the source
+                                                  # data file may have the same name: rank0.onnx.data)
 
     def close(self) -> None:
         self.f.close()
@@ -439,6 +444,7 @@ class _Weights:
         from onnx import TensorProto
 
         off, length = self.append(self.raw(t))
+        self.written.add(t.name)
         del t.external_data[:]
         for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(length))):
             e = t.external_data.add()
@@ -500,6 +506,7 @@ def _sliced(w: _Weights, c, axis: int, sel):
     t.data_type, t.dims[:] = src.data_type, new_dims
     if uses_external_data(src) or data.nbytes >= EXTERNAL_BYTES:
         off, length = w.append(data)
+        w.written.add(t.name)
         for k, v in (("location", w.path.name), ("offset", str(off)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
@@ -690,10 +697,7 @@ def _finish(graph, w: _Weights, fingerprint: str, rank: int, tp: int):
 
     model = gs.export_onnx(graph)
     for t in model.graph.initializer:      # replicated: embedding, lm_head, norms, rotary caches
-        if uses_external_data(t):
-            if next(e.value for e in t.external_data if e.key == "location") != w.path.name:
-                w.external(t)
-        elif len(t.raw_data) >= EXTERNAL_BYTES:
+        if (uses_external_data(t) and t.name not in w.written) or len(t.raw_data) >= EXTERNAL_BYTES:
             w.external(t)
     stamp(model, fingerprint, rank, tp)
     return model

@@ -194,10 +194,15 @@ def run_ranks(d: Path, graphs: list[art.RankGraph], kv_heads: int) -> list[list[
     return results
 
 
-@pytest.mark.parametrize("hq, hkv, tp, bias", [(4, 2, 2, True), (4, 2, 4, False), (4, 1, 2, False)])
-def test_rank_graphs_compute_the_unsharded_layer(tmp_path, hq, hkv, tp, bias):
+@pytest.mark.parametrize("hq, hkv, tp, bias, external", [(4, 2, 2, True, False), (4, 2, 4, False, True),
+                                                         (4, 1, 2, False, False), (4, 2, 2, False, True)])
+def test_rank_graphs_compute_the_unsharded_layer(tmp_path, monkeypatch, hq, hkv, tp, bias, external):
+    """external: the weights stay references into the source data file (named rank0.onnx.data, as
+    rank 0's own), as a real model's large tensors do; else they are loaded (under 1 MiB)."""
     import onnx
 
+    if external:
+        monkeypatch.setattr("trtc.compiler.onnx_io.SMALL_BYTES", 0)
     src = layer_graph(tmp_path / "src", hq, hkv, bias=bias)
     spec = spec_of(hq, hkv)
     graphs, rank0 = shard.shard_rank_graphs(tmp_path / "src", src, tmp_path / "tp", spec, tp, "0123456789abcdef")
