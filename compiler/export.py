@@ -69,8 +69,11 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
     """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data)."""
     import torch
 
-    spec = loaded.spec
+    # The family fixes at export what depends on the engine's length (LongRoPE's factor set) and
+    # swaps what cannot be traced ahead of time (data-dependent expert loops) for its equivalent.
+    spec = loaded.adapter.for_export(loaded.spec, cfg.max_seq_len)
     model = load_torch_model(loaded, cfg.dtype)
+    loaded.adapter.prepare_trace(model, spec)
     dtype = getattr(torch, cfg.dtype)
     L = spec.num_layers
     # Example sizes avoid 0/1 so torch.export does not specialize the dims.

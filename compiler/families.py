@@ -15,8 +15,21 @@ from trtc.spec import ModelSpec
 
 # Rope types whose cos/sin depend only on the position (not on the sequence length), so the
 # rotary pass can precompute a [max_seq_len, head_dim/2] cache. "dynamic" and "longrope" change
-# their frequencies with the sequence length and cannot be compiled ahead of time this way.
+# their frequencies with the sequence length and cannot be compiled ahead of time this way
+# (a family may fix one at export: `export_rope_types`).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """A config's rope settings in either form: transformers 5's `rope_parameters`, or the older
+    top-level `rope_theta` + `rope_scaling` (whose type key is `type` or `rope_type`)."""
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if "rope_type" not in rope:
+        rope["rope_type"] = rope.get("type", "default")
+    rope.pop("type", None)
+    if "rope_theta" not in rope and getattr(cfg, "rope_theta", None) is not None:
+        rope["rope_theta"] = cfg.rope_theta
+    return rope
 
 
 @dataclass(frozen=True)
@@ -32,17 +45,24 @@ class FamilyAdapter:
     # The family's own ModelSpec fields (per-layer attention, soft-capping, rotary variants) and
     # its refusals (TrtcError naming the feature and the config field), after the common fields.
     refine: Callable[[Any, ModelSpec], ModelSpec] = lambda c, spec: spec
+    # Rope types beyond STATIC_ROPE_TYPES this family compiles by fixing at export what the
+    # sequence length would change (LongRoPE: one factor set, chosen by `for_export`).
+    export_rope_types: tuple[str, ...] = ()
+    # Export: the spec of an engine whose cache holds `max_seq_len` tokens, and the change to the
+    # torch module (loaded for tracing) that makes the traced graph compute exactly that spec.
+    for_export: Callable[[ModelSpec, int], ModelSpec] = lambda spec, max_seq_len: spec
+    prepare_trace: Callable[[Any, ModelSpec], None] = lambda model, spec: None
 
     def spec_from_config(self, cfg: Any) -> ModelSpec:
         heads = int(cfg.num_attention_heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        rope = dict(getattr(cfg, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in STATIC_ROPE_TYPES:
+        rope = rope_parameters(cfg)
+        rope_type = rope["rope_type"]
+        if rope_type not in STATIC_ROPE_TYPES + self.export_rope_types:
             raise TrtcError(
                 f"rope type {rope_type!r} of this {self.name} model changes with the sequence "
                 f"length and cannot be compiled ahead of time; supported rope types: "
-                f"{', '.join(STATIC_ROPE_TYPES)}"
+                f"{', '.join(STATIC_ROPE_TYPES + self.export_rope_types)}"
             )
         eos = cfg.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())

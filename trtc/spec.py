@@ -46,6 +46,19 @@ class ModelSpec:
     rope_local_theta: float | None = None          # rope base of the sliding layers; None: rope_theta
     nope_layers: tuple[int, ...] = ()              # layers without rotary embedding
     rotary_dim: int | None = None                  # leading dims of a head that rotate; None: head_dim
+    # LongRoPE (Phi-3/Phi-4): the factor set the rotary cache uses at every position ("short" or
+    # "long"), chosen at export from max_seq_len, and why; None: not LongRoPE / not exported yet.
+    rope_factors: str | None = None
+    rope_factors_reason: str | None = None
+    original_max_position_embeddings: int | None = None   # LongRoPE: longest sequence of the short factors
+    fused_projections: bool = False                # q/k/v and gate/up are one weight each (qkv_proj, gate_up_proj)
+    # Mixture of experts (0 experts: dense MLP): each token's MLP is the routing-weighted sum of
+    # its top `experts_per_token` experts (softmax over num_experts router logits).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int | None = None       # per expert; None: intermediate_size
+    norm_topk_prob: bool = False                   # top-k weights renormalized to sum to 1
+    experts_compute: str | None = None             # how the graph computes experts ("dense"), set at export
 
     def __post_init__(self) -> None:
         from trtc.errors import TrtcError
