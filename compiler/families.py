@@ -6,6 +6,7 @@ config and reads the ModelSpec the adapter produces.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -167,4 +168,50 @@ register(FamilyAdapter(
     qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
     qk_norm=True,
     sliding_window=_window_if_enabled,
+))
+
+
+# ---- fused projections + LongRoPE (Phi-3/Phi-4), mixture of experts (Mixtral, Qwen3-MoE) ----
+
+def _phi3(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    """Fused qkv_proj / gate_up_proj trace as one MatMul + slices (nothing to declare); partial
+    rotary (Phi-4-mini: partial_rotary_factor 0.75) and LongRoPE's two factor sets are."""
+    from . import longrope
+
+    rope = rope_parameters(cfg)
+    rotary = int(spec.head_dim * float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))))
+    spec = dataclasses.replace(spec, rotary_dim=rotary if rotary < spec.head_dim else None, fused_projections=True)
+    if spec.rope_type != "longrope":
+        return spec
+    longrope.check_factors("phi3", rope, rotary)
+    # What transformers' rotary module reads: rope_parameters' value, which Phi3Config overwrites
+    # with its top-level original_max_position_embeddings (Phi-3 configs keep it there).
+    orig = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+    return dataclasses.replace(spec, original_max_position_embeddings=int(orig or spec.max_position_embeddings))
+
+
+def _longrope_for_export(spec: ModelSpec, max_seq_len: int) -> ModelSpec:
+    from .longrope import choose_factors
+
+    return choose_factors(spec, max_seq_len)
+
+
+def _longrope_prepare(model: Any, spec: ModelSpec) -> None:
+    from .longrope import fix_factors
+
+    fix_factors(model, spec)
+
+
+register(FamilyAdapter(
+    name="phi3",
+    architectures=("Phi3ForCausalLM",),
+    model_types=("phi3",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: False,
+    qk_norm=False,
+    sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
+    refine=_phi3,
+    export_rope_types=("longrope",),
+    for_export=_longrope_for_export,
+    prepare_trace=_longrope_prepare,
 ))
