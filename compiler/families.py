@@ -190,6 +190,26 @@ def _phi3(cfg: Any, spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, original_max_position_embeddings=int(orig or spec.max_position_embeddings))
 
 
+def _moe(num_experts: str, intermediate: str, norm_topk: Callable[[Any], bool]):
+    """refine for a grouped-weight experts family: the config fields naming its expert count and size."""
+    from .moe import EXPERTS_COMPUTE
+
+    def refine(cfg: Any, spec: ModelSpec) -> ModelSpec:
+        k, e = int(cfg.num_experts_per_tok), int(getattr(cfg, num_experts))
+        if not 0 < k <= e:
+            raise TrtcError(f"{spec.family}: num_experts_per_tok {k} must be in 1..{num_experts} ({e}); fix config.json")
+        return dataclasses.replace(spec, num_experts=e, experts_per_token=k, norm_topk_prob=norm_topk(cfg),
+                                   moe_intermediate_size=int(getattr(cfg, intermediate)),
+                                   experts_compute=EXPERTS_COMPUTE)
+    return refine
+
+
+def _use_dense_experts(model: Any, spec: ModelSpec) -> None:
+    from .moe import use_dense_experts
+
+    use_dense_experts(model, spec)
+
+
 def _longrope_for_export(spec: ModelSpec, max_seq_len: int) -> ModelSpec:
     from .longrope import choose_factors
 
@@ -214,4 +234,26 @@ register(FamilyAdapter(
     export_rope_types=("longrope",),
     for_export=_longrope_for_export,
     prepare_trace=_longrope_prepare,
+))
+register(FamilyAdapter(
+    name="mixtral",
+    architectures=("MixtralForCausalLM",),
+    model_types=("mixtral",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: False,
+    qk_norm=False,
+    sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
+    refine=_moe("num_local_experts", "intermediate_size", lambda c: True),   # Mixtral always renormalizes
+    prepare_trace=_use_dense_experts,
+))
+register(FamilyAdapter(
+    name="qwen3_moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    model_types=("qwen3_moe",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=True,
+    sliding_window=_window_if_enabled,
+    refine=_moe("num_experts", "moe_intermediate_size", lambda c: bool(c.norm_topk_prob)),
+    prepare_trace=_use_dense_experts,
 ))

@@ -195,6 +195,11 @@ def resolve_for_model(q: QuantConfig, spec: ModelSpec) -> QuantConfig:
     size. Defaults the model is too small for shrink (group size: the largest power of two that
     divides all inputs, e.g. 64 for hidden size 576; low rank: an eighth of the smallest input);
     a value the user named is never changed."""
+    if spec.num_experts and q.algo != "none":
+        raise TrtcError(f"--quant {q.algo}: the {spec.num_experts} experts per layer of this {spec.family} model are "
+                        f"batched MatMuls over grouped weights [experts, in, out], which trtc's quantizer does not "
+                        f"handle yet (it finds [in, out] linear layers); build without --quant "
+                        f"(--kv-cache-dtype alone works)")
     feats = _in_features(spec)
     smallest_name, smallest = min(feats.items(), key=lambda kv: kv[1])
     if q.outlier_channels >= smallest // 2:
