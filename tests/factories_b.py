@@ -54,6 +54,8 @@ def family_config_b(family: str, vocab_size: int):
         rope = {**longrope(12, PHI4_MINI_ORIGINAL_MAX), "partial_rotary_factor": 0.75}
         return Phi3Config(**common, tie_word_embeddings=True, original_max_position_embeddings=PHI4_MINI_ORIGINAL_MAX,
                           rope_parameters=rope)
+    if family == "phi4":        # Phi-4 (14B): plain rope, full rotary (spec checks only)
+        return Phi3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 250000.0})
     if family == "mixtral":     # 4 experts, top 2, renormalized
         return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
                              rope_parameters={"rope_type": "default", "rope_theta": 1e6})

@@ -45,6 +45,8 @@ def _spec(family: str):
               "rotary_dim": None, "sliding_window": 40, "num_experts": 0, "fused_projections": True}),
     ("phi4_mini", {"family": "phi3", "rotary_dim": 12, "tie_word_embeddings": True,
                    "original_max_position_embeddings": 8}),
+    ("phi4", {"family": "phi3", "rope_type": "default", "rope_theta": 250000.0, "rotary_dim": None,
+              "original_max_position_embeddings": None, "fused_projections": True}),
     ("mixtral", {"num_experts": 4, "experts_per_token": 2, "norm_topk_prob": True, "moe_intermediate_size": 128,
                  "experts_compute": "dense", "rope_theta": 1e6}),
     ("qwen3_moe", {"num_experts": 4, "experts_per_token": 2, "norm_topk_prob": False, "moe_intermediate_size": 32,
@@ -65,7 +67,7 @@ def test_longrope_factor_set_follows_the_engine_length():
     assert (short.rope_factors, long.rope_factors) == ("short", "long")
     assert "max_seq_len 48 <= original_max_position_embeddings 48" in short.rope_factors_reason
     assert "max_seq_len 49 > original_max_position_embeddings 48" in long.rope_factors_reason
-    assert choose_factors(_spec("mixtral"), 49).rope_factors is None
+    assert choose_factors(_spec("phi4"), 49).rope_factors is None
 
 
 # Hand-written config.json in the older form (top-level rope_theta + rope_scaling with `type`) and
