@@ -3,6 +3,8 @@
 Layout under the root (default `$TRTC_CACHE_DIR/engines`, TRTC_CACHE_DIR default ~/.cache/trtc):
     entries/<fingerprint>/     a complete engine dir (config.json lists every file's sha256)
     entries/<fingerprint>/.used  touched on every hit: least recently used entries go first
+    exports/<key>/             the float rank graphs after the passes, as an export dir: builds of
+                               one model in several quant modes or for several targets share them
     locks/<fingerprint>.lock   flock held while one process looks up, builds and stores that key
 
 A hit copies the entry into the output dir (atomically, like a build) after checking every file
@@ -51,6 +53,7 @@ class EngineCache:
         env = os.environ.get("TRTC_CACHE_MAX_SIZE")
         self.max_bytes = max_bytes if max_bytes is not None else parse_size(env) if env else DEFAULT_MAX_BYTES
         self.entries = self.root / "entries"
+        self.exports = self.root / "exports"
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
@@ -109,15 +112,43 @@ class EngineCache:
 
     def store(self, key: str, built: Path) -> None:
         """Add a finished engine dir under `key` (atomically), then evict down to the size limit."""
-        self.entries.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.entries))
+        self._store(self.entries, key, built)
+
+    def fetch_export(self, key: str, dest: Path) -> bool:
+        """Copy (hard-link where possible) export entry `key` into the new dir `dest` if it is intact."""
+        entry = self.exports / key
+        if not (entry / art.EXPORT_CONFIG).is_file():
+            return False
         try:
-            for p in built.iterdir():
+            cfg = art.read_export_config(entry)
+            art.verify_files(entry, cfg.files, rebuild_hint="re-exporting", config_name=art.EXPORT_CONFIG)
+        except TrtcError as e:
+            info(f"[trtc] cached export {key} is damaged ({e}); removing it and exporting again")
+            shutil.rmtree(entry, ignore_errors=True)
+            return False
+        dest.mkdir(parents=True)
+        for n in [art.EXPORT_CONFIG, *cfg.files]:
+            try:
+                os.link(entry / n, dest / n)
+            except OSError:
+                shutil.copyfile(entry / n, dest / n)
+        (entry / _USED).touch()
+        info(f"[trtc] reusing the cached export {key} (no re-export)")
+        return True
+
+    def store_export(self, key: str, export_dir: Path) -> None:
+        self._store(self.exports, key, export_dir)
+
+    def _store(self, where: Path, key: str, src: Path) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=where))
+        try:
+            for p in src.iterdir():
                 if p.is_file() and p.name != art.PROVENANCE:
                     shutil.copyfile(p, tmp / p.name)
             (tmp / _USED).touch()
-            shutil.rmtree(self.entries / key, ignore_errors=True)
-            os.replace(tmp, self.entries / key)
+            shutil.rmtree(where / key, ignore_errors=True)
+            os.replace(tmp, where / key)
         except OSError as e:
             info(f"[trtc] could not store {key} in the engine cache ({e.strerror}); the build itself is complete")
         finally:
@@ -129,10 +160,9 @@ class EngineCache:
 
     def evict(self, keep: str | None = None) -> list[str]:
         """Remove least recently used entries until the cache fits max_bytes (never `keep`)."""
-        if not self.entries.is_dir():
-            return []
-        entries = [e for e in self.entries.iterdir() if e.is_dir() and not e.name.startswith(".")]
-        sizes = {e.name: self._size(e) for e in entries}
+        entries = [e for where in (self.entries, self.exports) if where.is_dir()
+                   for e in where.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        sizes = {e: self._size(e) for e in entries}
         total = sum(sizes.values())
         removed = []
 
@@ -145,6 +175,6 @@ class EngineCache:
             if e.name == keep:
                 continue
             shutil.rmtree(e, ignore_errors=True)
-            total -= sizes[e.name]
+            total -= sizes[e]
             removed.append(e.name)
         return removed

@@ -103,6 +103,8 @@ def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, time
 
 def _load_export_dir(d: Path) -> RankGraphs:
     cfg = art.read_export_config(d)
+    if cfg.mapping.world_size > 1:      # rank graphs of another export are named as such, before the checksums
+        art.check_rank_stamps(d, cfg, "re-run trtc export")
     art.verify_files(d, cfg.files, rebuild_hint="re-run trtc export", config_name=EXPORT_CONFIG)
     return RankGraphs(dir=d, graphs=tuple(cfg.onnx), spec=cfg.pretrained_config, config=cfg.export_config,
                       io=cfg.io, source=cfg.source, tokenizer_dir=d, pass_stats=cfg.passes,
@@ -196,13 +198,41 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
         else:
             stamp_file(tmp / graphs.graphs[0].file, stamp, 0, 1)
         with stage("package", times):
-            tok = save_tokenizer(loaded.hf_dir, tmp)
-            art.write_config(tmp, art.ExportDirConfig(
-                format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=graphs.spec,
-                export_config=cfg, mapping=graphs.mapping, quantization=_quantization_record(graphs),
-                io=graphs.io, onnx=list(graphs.graphs), tokenizer_files=tok, source=graphs.source,
-                passes=graphs.pass_stats, files=art.file_table(tmp, graphs.files + tok)))
+            _write_export_dir(graphs, tmp, loaded.hf_dir)
     return output, times
+
+
+def _write_export_dir(graphs: RankGraphs, d: Path, hf_dir: Path) -> None:
+    """Tokenizer files and trtc_export.json next to the rank graphs already in `d`."""
+    tok = save_tokenizer(hf_dir, d)
+    art.write_config(d, art.ExportDirConfig(
+        format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=graphs.spec,
+        export_config=graphs.config, mapping=graphs.mapping, quantization=_quantization_record(graphs),
+        io=graphs.io, onnx=list(graphs.graphs), tokenizer_files=tok, source=graphs.source,
+        passes=graphs.pass_stats, files=art.file_table(d, graphs.files + tok)))
+
+
+def _export_reusing(inp: _BuildInput, work: Path, times: StageTimes, dump_after: tuple[str, ...],
+                    dump_dir: Path, cache) -> RankGraphs:
+    """The float rank graphs after the passes: from the engine cache's export entries when an
+    identical export was made before (builds of one model in several quant modes or for several
+    targets share it), else exported and stored there."""
+    assert inp.loaded is not None
+    if cache is None or dump_after:
+        return _export_rank_graphs(inp.loaded, inp.ecfg, work, times, dump_after, dump_dir)
+    key = fingerprint_of({"trtc": __version__, "format": art.FORMAT_VERSION, "spec": inp.spec.to_dict(),
+                          "weights": inp.source.weights_sha256, "files": inp.source.files_sha256,
+                          "export": dataclasses.asdict(inp.ecfg)})
+    d = work / "export"
+    with cache.lock(f"export-{key}"):
+        with stage("cache", times, f"export {key}"):
+            hit = cache.fetch_export(key, d)
+        if hit:
+            return _load_export_dir(d)
+        graphs = _export_rank_graphs(inp.loaded, inp.ecfg, d, times, dump_after, dump_dir)
+        _write_export_dir(graphs, d, inp.loaded.hf_dir)
+        cache.store_export(key, d)
+    return graphs
 
 
 def _default_seq_len(requested: int | None, spec: ModelSpec) -> int:
@@ -358,7 +388,7 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
         with stage("cache", times, f"lookup {fingerprint}"):
             hit = cache.fetch(fingerprint, output, lambda d: package.write_provenance(d, job))
         if not hit:
-            _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job)
+            _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job, cache)
             with stage("cache", times, f"store {fingerprint}"):
                 cache.store(fingerprint, output)
     return output, times
@@ -397,7 +427,8 @@ def _weight_bytes(inp: _BuildInput) -> int:
 
 
 def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, fingerprint: str,
-           keep_onnx: bool, output: Path, times: StageTimes, dump_after: tuple[str, ...], job: dict | None) -> None:
+           keep_onnx: bool, output: Path, times: StageTimes, dump_after: tuple[str, ...], job: dict | None,
+           cache=None) -> None:
     from .build import build_engine_isolated
 
     # scratch: traced + quantized graphs, each about the weights' size in the export dtype
@@ -405,9 +436,7 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
     try:
         graphs = inp.exported
         if graphs is None:
-            assert inp.loaded is not None
-            graphs = _export_rank_graphs(inp.loaded, inp.ecfg, work, times, dump_after,
-                                         output.parent / (output.name + ".dump"))
+            graphs = _export_reusing(inp, work, times, dump_after, output.parent / (output.name + ".dump"), cache)
         if inp.quant is not None:
             graphs = _quantize(graphs, inp.quant, work / "quant", times)
         if inp.tp > graphs.mapping.tp_size:

@@ -61,6 +61,10 @@ def test_rebuild_is_a_cache_hit_with_identical_files(tiny_model, tmp_path, cache
     assert "damaged" in res.output and "cache hit" not in res.output
     assert digests(tmp_path / "d") == digests(tmp_path / "a")
     assert art.sha256_file(engine) == digests(tmp_path / "a")["rank0.engine"]     # stored again, intact
+    # another mode of the same model reuses the cached float export: no export stage
+    res = cli("build", "--model", model, *LIMITS, "-o", tmp_path / "q", "--quant", "int8_wo", "--calib-samples", "2")
+    assert "reusing the cached export" in res.output and "[trtc] export:" not in res.output
+    assert art.read_engine_config(tmp_path / "q").quantization["quant_algo"] is not None
 
 
 @pytest.mark.slow
