@@ -118,42 +118,9 @@ def rewrite_collectives(model, rank: int, group: int, float16: bool) -> int:
     return n
 
 
-def rank_stamp(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def check_rank_stamps(ed: EngineDir) -> list[art.RankGraph]:
-    """Every rank's graph: listed, on disk, and stamped (metadata_props, artifact.GRAPH_*) with this
-    dir's build and its own rank; a rank graph of another build is named as such. No checksums
-    (check_rank_graphs adds them)."""
-    import onnx
-
-    cfg, world = ed.config, ed.config.mapping.world_size
-    graphs = []
-    expected = cfg.fingerprint if isinstance(cfg, art.EngineConfig) else None
     hint = "re-run trtc export" if ed.is_export else "rebuild the engine dir (trtc build --keep-onnx)"
-    for r in range(world):
-        g = cfg.rank_graph(r)
-        if g is None:
-            raise TrtcError(f"{ed.path} lists no ONNX graph for rank {r} of {world}, which the onnxruntime backend "
-                            f"runs; {hint}")
-        for n in (g.file, g.data):
-            if not (ed.path / n).is_file():
-                raise TrtcError(f"{ed.path / n} (rank {r} of {world}) is missing; {hint}")
-        try:
-            stamp = rank_stamp(onnx.load(str(ed.path / g.file), load_external_data=False))
-        except Exception:      # noqa: BLE001  (a damaged file: the checksums name it)
-            stamp = {}
-        fp = stamp.get(art.GRAPH_FINGERPRINT)
-        expected = expected or fp
-        if fp is None or fp != expected or stamp.get(art.GRAPH_RANK) != str(r) or \
-                stamp.get(art.GRAPH_WORLD_SIZE) != str(world):
-            what = "no trtc build stamp" if fp is None else \
-                f"the stamp of build {fp}, rank {stamp.get(art.GRAPH_RANK)} of {stamp.get(art.GRAPH_WORLD_SIZE)}"
-            raise TrtcError(f"{ed.path / g.file} carries {what}, but this dir is build {expected}, rank {r} of "
-                            f"{world}: rank files of different builds cannot be mixed; {hint}")
-        graphs.append(g)
-    return graphs
+    return art.check_rank_stamps(ed.path, ed.config, hint)
 
 
 def check_rank_graphs(ed: EngineDir) -> list[art.RankGraph]:

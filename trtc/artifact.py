@@ -327,6 +327,37 @@ def verify_files(d: Path, table: dict[str, FileEntry], names: list[str] | None =
             raise TrtcError(f"{p} does not match its sha256 in {config_name} (corrupted); {rebuild_hint}")
 
 
+def check_rank_stamps(d: Path, cfg: "EngineConfig | ExportDirConfig", hint: str) -> list[RankGraph]:
+    """Every rank's ONNX graph: listed, on disk (graph and data), and stamped (GRAPH_*) with this
+    dir's build and its own rank: rank files of different builds are refused by name before any
+    weight is read. Engine dirs: the build is config.json's fingerprint; export dirs: rank 0's."""
+    import onnx
+
+    world = cfg.mapping.world_size
+    expected = cfg.fingerprint if isinstance(cfg, EngineConfig) else None
+    graphs = []
+    for r in range(world):
+        g = cfg.rank_graph(r)
+        if g is None:
+            raise TrtcError(f"{d} lists no ONNX graph for rank {r} of {world}; {hint}")
+        for n in (g.file, g.data):
+            if not (d / n).is_file():
+                raise TrtcError(f"{d / n} (rank {r} of {world}) is missing; {hint}")
+        try:
+            stamp = {p.key: p.value for p in onnx.load(str(d / g.file), load_external_data=False).metadata_props}
+        except Exception:      # noqa: BLE001  (a damaged file: its checksum names it)
+            stamp = {}
+        fp = stamp.get(GRAPH_FINGERPRINT)
+        expected = expected or fp
+        if fp is None or fp != expected or stamp.get(GRAPH_RANK) != str(r) or stamp.get(GRAPH_WORLD_SIZE) != str(world):
+            what = "no trtc build stamp" if fp is None else \
+                f"the stamp of build {fp}, rank {stamp.get(GRAPH_RANK)} of {stamp.get(GRAPH_WORLD_SIZE)}"
+            raise TrtcError(f"{d / g.file} carries {what}, but this dir is build {expected}, rank {r} of {world}: "
+                            f"rank files of different builds cannot be mixed; {hint}")
+        graphs.append(g)
+    return graphs
+
+
 @dataclass(frozen=True)
 class _Common:
     """Fields both dirs carry."""

@@ -64,10 +64,7 @@ def _ranks(path: Path, cfg, kind: str) -> list[dict]:
                 raise TrtcError(f"{path / n} (rank {r} of {cfg.mapping.world_size}) is missing; rebuild the {kind}")
         per_rank.append(files)
     if cfg.mapping.world_size > 1 and cfg.rank_graph(0) is not None:
-        from trtc.runtime.engine_dir import EngineDir
-        from trtc.runtime.tp_session import check_rank_stamps
-
-        check_rank_stamps(EngineDir(path, cfg))
+        art.check_rank_stamps(path, cfg, f"rebuild the {kind}")
     out = []
     for r, files in enumerate(per_rank):
         for n in files:
