@@ -213,3 +213,12 @@ def test_build_inspect_and_run_errors(tp_model, tp_engine, tmp_path):
 
     res = trtc("inspect", engine, "--json")
     assert res.code == 0
+
+    exported = tmp_path / "export-tp2"             # an export dir's rank graph swapped for another build's
+    assert trtc("export", "--model", tp_model("llama"), "--output", exported, "--tp-size", 2,
+                "--max-seq-len", TINY_MAX_SEQ).code == 0
+    for n in ("rank1.onnx", "rank1.onnx.data"):
+        shutil.copy2(other / n, exported / n)
+    assert_user_error(trtc(*build_args(exported, tmp_path / "from-mixed")),
+                      f"carries the stamp of build {other_fp}, rank 1 of 2", "re-run trtc export")
+    assert_nothing_written(tmp_path, "from-mixed")
