@@ -47,12 +47,12 @@ def get_pass(name: str) -> PassFn:
     return _PASSES[name]
 
 
-from . import attention, cleanup, kv_cache, plugin_attention, rotary, rotary_fuse  # noqa: E402,F401  (registers the passes)
+from . import attention, cleanup, kv_cache, norm, plugin_attention, rotary, rotary_fuse  # noqa: E402,F401  (registers the passes)
 
 # fuse_rotary turns HF's decomposed rotate-half (what float16 exports leave) into RotaryEmbedding,
 # so rotary_cache and TensorRT's IRotaryEmbeddingLayer see one form whatever the dtype.
-PIPELINE = ("kv_cache_scatter", "fold_repeat_kv", "attention_mask_from_positions", "fuse_rotary",
-            "rotary_cache", "cleanup")
+PIPELINE = ("kv_cache_scatter", "rms_norm_dtypes", "fold_repeat_kv", "attention_mask_from_positions",
+            "fuse_rotary", "rotary_cache", "cleanup")
 PLUGIN_PIPELINE = PIPELINE[:-1] + ("plugin_attention", "cleanup")   # the native lowering, then the plugins
 PIPELINES = {"native": PIPELINE, "plugin": PLUGIN_PIPELINE}
 

@@ -64,6 +64,18 @@ def _is_bfloat16(dtype) -> bool:
         return False
 
 
+def onnx_dtype(dtype) -> int:
+    """The onnx.TensorProto enum of a graphsurgeon tensor dtype (numpy, ml_dtypes or onnx enum)."""
+    import numpy as np
+    import onnx
+
+    if isinstance(dtype, int):
+        return dtype
+    if _is_bfloat16(dtype):
+        return onnx.TensorProto.BFLOAT16
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 def eval_on_positions(graph, tensors, max_seq_len: int, fallback_dtype) -> list:
     """Values of `tensors` (functions of position_ids alone) for positions 0..max_seq_len-1,
     evaluated once in ONNX Runtime on a copy of the graph. bfloat16 results are read through a

@@ -176,6 +176,20 @@ def _plugin_attrs(spec: PluginSpec, **given) -> dict:
     return {**a, "plugin_namespace": spec.namespace, "plugin_version": spec.version, "aot": 1}
 
 
+def _refuse_spec_features(spec) -> None:
+    """What the plugins do not implement, named by the ModelSpec field that declares it."""
+    why = []
+    if spec.attn_logit_softcapping:
+        why.append(f"soft-capped attention scores (attn_logit_softcapping {spec.attn_logit_softcapping})")
+    if spec.nope_layers:
+        why.append(f"layers without rotary embedding (nope_layers {list(spec.nope_layers)})")
+    if spec.rotary_dim:
+        why.append(f"partial rotary (rotary_dim {spec.rotary_dim} of head_dim {spec.head_dim})")
+    if why:
+        raise TrtcError(f"--attention plugin: this {spec.family} model has {'; '.join(why)}, which trtc's "
+                        f"RopeKvAppend/PagedAttention plugins do not implement; use --attention native")
+
+
 @register_pass("plugin_attention")
 def plugin_attention(graph, ctx: PassContext):
     import numpy as np
@@ -183,6 +197,7 @@ def plugin_attention(graph, ctx: PassContext):
     import onnx_graphsurgeon as gs
 
     spec = ctx.spec
+    _refuse_spec_features(spec)
     if spec.sliding_window and spec.sliding_window < ctx.max_seq_len:
         raise TrtcError(f"--attention plugin: {spec.family} uses sliding-window attention (window "
                         f"{spec.sliding_window} < max-seq-len {ctx.max_seq_len}), which trtc's PagedAttention "
