@@ -128,6 +128,15 @@ def adapter_for_gguf(arch: str) -> FamilyAdapter:
     )
 
 
+def _layer_types(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    """HF's per-layer kinds, kept when some layers slide and some do not (else every layer is alike)."""
+    kinds = tuple(getattr(cfg, "layer_types", None) or ())
+    if not spec.sliding_window or not kinds or len(set(kinds)) == 1:
+        return dataclasses.replace(spec, layer_types=(), sliding_window=spec.sliding_window
+                                   if not kinds or kinds[0] == "sliding_attention" else None)
+    return dataclasses.replace(spec, layer_types=kinds)
+
+
 def _window_if_enabled(cfg: Any) -> int | None:
     # Qwen2/Qwen3 carry a sliding_window value but only use it when use_sliding_window is set.
     return int(cfg.sliding_window) if getattr(cfg, "use_sliding_window", False) and cfg.sliding_window else None
@@ -168,6 +177,43 @@ register(FamilyAdapter(
     qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
     qk_norm=True,
     sliding_window=_window_if_enabled,
+))
+
+
+# ---- per-layer attention, soft-capping, rotary variants (Gemma 2/3, OLMo 2, Granite, GPT-NeoX, SmolLM3) ----
+
+F_ATT, S_ATT = "full_attention", "sliding_attention"     # HF's layer kinds (trtc.spec.LAYER_TYPES)
+
+
+def _refuse_bidirectional(cfg: Any, family: str) -> None:
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise TrtcError(f"{family}: use_bidirectional_attention=True (attention without a causal mask) is not "
+                        f"supported by trtc, which compiles causal decoders; set it to false in config.json")
+
+
+def _softcaps(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    def cap(name: str) -> float | None:
+        v = getattr(cfg, name, None)
+        return float(v) if v else None
+
+    return dataclasses.replace(spec, attn_logit_softcapping=cap("attn_logit_softcapping"),
+                               final_logit_softcapping=cap("final_logit_softcapping"))
+
+
+def _gemma2(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    _refuse_bidirectional(cfg, "gemma2")
+    return _softcaps(cfg, _layer_types(cfg, spec))
+
+
+register(FamilyAdapter(
+    name="gemma2",
+    architectures=("Gemma2ForCausalLM",),
+    model_types=("gemma2",),
+    gguf_architectures=("gemma2",),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=False,
+    sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
+    refine=_gemma2,
 ))
 
 
