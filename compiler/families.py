@@ -205,6 +205,27 @@ def _gemma2(cfg: Any, spec: ModelSpec) -> ModelSpec:
     return _softcaps(cfg, _layer_types(cfg, spec))
 
 
+def _gemma3(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    """Two rope bases: `rope_parameters` per layer kind ({"full_attention": {...}, "sliding_attention": {...}})."""
+    _refuse_bidirectional(cfg, "gemma3")
+    nested = dict(getattr(cfg, "rope_parameters", None) or {})
+    if F_ATT in nested or S_ATT in nested:
+        full, local = dict(nested.get(F_ATT) or {}), dict(nested.get(S_ATT) or {})
+    else:   # the older form: rope_theta + rope_scaling for the global layers, rope_local_base_freq
+        full = rope_parameters(cfg)
+        local = {"rope_type": "default", "rope_theta": getattr(cfg, "rope_local_base_freq", 10000.0)}
+    for kind, r in ((F_ATT, full), (S_ATT, local)):
+        rope_type = r.get("rope_type", r.get("type", "default"))
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise TrtcError(f"gemma3: rope_parameters.{kind}.rope_type {rope_type!r} changes with the sequence length "
+                            f"and cannot be compiled ahead of time; supported: {', '.join(STATIC_ROPE_TYPES)}")
+    spec = dataclasses.replace(
+        spec, rope_type=full.get("rope_type", full.get("type", "default")),
+        rope_theta=float(full.get("rope_theta", spec.rope_theta)),
+        rope_local_theta=float(local["rope_theta"]) if "rope_theta" in local else None)
+    return _softcaps(cfg, _layer_types(cfg, spec))
+
+
 register(FamilyAdapter(
     name="gemma2",
     architectures=("Gemma2ForCausalLM",),
@@ -214,6 +235,16 @@ register(FamilyAdapter(
     qk_norm=False,
     sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
     refine=_gemma2,
+))
+register(FamilyAdapter(
+    name="gemma3",
+    architectures=("Gemma3ForCausalLM",),
+    model_types=("gemma3_text",),
+    gguf_architectures=("gemma3",),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=True,
+    sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
+    refine=_gemma3,
 ))
 
 
