@@ -246,6 +246,15 @@ register(FamilyAdapter(
     sliding_window=lambda c: int(c.sliding_window) if getattr(c, "sliding_window", None) else None,
     refine=_gemma3,
 ))
+register(FamilyAdapter(
+    name="olmo2",
+    architectures=("Olmo2ForCausalLM",),
+    model_types=("olmo2",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=True,
+    sliding_window=lambda c: None,
+))
 
 
 # ---- fused projections + LongRoPE (Phi-3/Phi-4), mixture of experts (Mixtral, Qwen3-MoE) ----
