@@ -255,6 +255,15 @@ register(FamilyAdapter(
     qk_norm=True,
     sliding_window=lambda c: None,
 ))
+register(FamilyAdapter(
+    name="granite",
+    architectures=("GraniteForCausalLM",),
+    model_types=("granite",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=False,
+    sliding_window=lambda c: None,
+))
 
 
 # ---- fused projections + LongRoPE (Phi-3/Phi-4), mixture of experts (Mixtral, Qwen3-MoE) ----
