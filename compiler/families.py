@@ -226,6 +226,15 @@ def _gemma3(cfg: Any, spec: ModelSpec) -> ModelSpec:
     return _softcaps(cfg, _layer_types(cfg, spec))
 
 
+def _gpt_neox(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    rope = rope_parameters(cfg)
+    rotary = int(spec.head_dim * float(rope.get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0))))
+    if rotary % 2:
+        raise TrtcError(f"gpt_neox: rotary dims per head head_dim * partial_rotary_factor = {rotary} is odd; "
+                        f"rotate-half rotary needs an even count")
+    return dataclasses.replace(spec, rotary_dim=rotary if rotary < spec.head_dim else None)
+
+
 register(FamilyAdapter(
     name="gemma2",
     architectures=("Gemma2ForCausalLM",),
@@ -263,6 +272,17 @@ register(FamilyAdapter(
     qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
     qk_norm=False,
     sliding_window=lambda c: None,
+))
+register(FamilyAdapter(
+    name="gpt_neox",
+    architectures=("GPTNeoXForCausalLM",),
+    model_types=("gpt_neox",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", True)),
+    qk_norm=False,
+    sliding_window=lambda c: None,
+    norm_eps=lambda c: float(c.layer_norm_eps),
+    refine=_gpt_neox,
 ))
 
 
