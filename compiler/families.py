@@ -235,6 +235,12 @@ def _gpt_neox(cfg: Any, spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, rotary_dim=rotary if rotary < spec.head_dim else None)
 
 
+def _smollm3(cfg: Any, spec: ModelSpec) -> ModelSpec:
+    # no_rope_layers[i] is 1 where layer i applies rotary embedding, 0 where it does not (NoPE).
+    flags = list(getattr(cfg, "no_rope_layers", None) or [1] * spec.num_layers)
+    return _layer_types(cfg, dataclasses.replace(spec, nope_layers=tuple(i for i, f in enumerate(flags) if not f)))
+
+
 register(FamilyAdapter(
     name="gemma2",
     architectures=("Gemma2ForCausalLM",),
@@ -283,6 +289,16 @@ register(FamilyAdapter(
     sliding_window=lambda c: None,
     norm_eps=lambda c: float(c.layer_norm_eps),
     refine=_gpt_neox,
+))
+register(FamilyAdapter(
+    name="smollm3",
+    architectures=("SmolLM3ForCausalLM",),
+    model_types=("smollm3",),
+    gguf_architectures=(),
+    qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
+    qk_norm=False,
+    sliding_window=_window_if_enabled,
+    refine=_smollm3,
 ))
 
 
