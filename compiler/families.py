@@ -168,6 +168,7 @@ register(FamilyAdapter(
     qkv_bias=lambda c: True,
     qk_norm=False,
     sliding_window=_window_if_enabled,
+    refine=_layer_types,   # layers below max_window_layers attend fully
 ))
 register(FamilyAdapter(
     name="qwen3",
@@ -177,6 +178,7 @@ register(FamilyAdapter(
     qkv_bias=lambda c: bool(getattr(c, "attention_bias", False)),
     qk_norm=True,
     sliding_window=_window_if_enabled,
+    refine=_layer_types,   # layers below max_window_layers attend fully
 ))
 
 
