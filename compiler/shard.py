@@ -578,6 +578,7 @@ def _row(w: _Weights, graph, lin: Linear, rows: tuple[int, int], tp: int, what: 
     """Keep input rows [a, b) (the rank's part of the activation), then all-reduce the sum of every
     path: main GEMM and correction terms."""
     import numpy as np
+    import onnx_graphsurgeon as gs
 
     a, b = rows
     _slice_weight(w, lin.main, 0, rows, what)
@@ -600,15 +601,11 @@ def _row(w: _Weights, graph, lin: Linear, rows: tuple[int, int], tp: int, what: 
             if not mine.any():               # none here: the term is zero on this rank
                 add.op, add.inputs = "Identity", [add.inputs[0]]
                 continue
-            import onnx_graphsurgeon as gs
-
             _retarget(feeder, 1, gs.Constant(f"{feeder.inputs[1].name}_tp_{a}", idx[mine] - a))
             _slice_weight(w, term, 0, np.flatnonzero(mine), what)
         elif _is_const(feeder.inputs[1]):    # int4 offset: (x @ E) @ off, E [K, K/G] the group indicator
             e = feeder.inputs[1]
             g = e.shape[0] // e.shape[1]
-            import onnx_graphsurgeon as gs
-
             values = np.asarray(e.values)[a:b, a // g:b // g]
             _retarget(feeder, 1, gs.Constant(f"{e.name}_tp_{a}", np.ascontiguousarray(values)))
             _slice_weight(w, term, 0, (a // g, b // g), what)
@@ -726,6 +723,8 @@ def shard_rank_graphs(src_dir: Path, src: art.RankGraph, out_dir: Path, spec: Mo
                       fingerprint: str):
     """Write rank0..rank{tp-1} graphs (+ data) of `src` into out_dir (not src_dir). Returns the
     RankGraph records and rank 0's model proto (without weights: the I/O table)."""
+    import onnx
+
     from .graph_check import check_graph
     from .onnx_io import load_graph
 
@@ -744,8 +743,6 @@ def shard_rank_graphs(src_dir: Path, src: art.RankGraph, out_dir: Path, spec: Mo
             model = _finish(graph, w, fingerprint, r, tp)
         finally:
             w.close()
-        import onnx
-
         onnx.save_model(model, str(out_dir / rg.file))
         graphs.append(rg)
         first = model if r == 0 else first

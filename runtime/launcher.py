@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -339,6 +338,3 @@ class TensorRTTPSession:
 def _implements_session(s: TensorRTTPSession) -> Session:
     return s       # the type check proves the launcher's session has the generator's interface
 
-
-def open_gpu_session(path: Path | str) -> TensorRTTPSession:
-    return TensorRTTPSession(load_engine_dir(path))
