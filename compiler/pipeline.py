@@ -9,7 +9,6 @@ hand-off and builds from that. Stage names are what the CLI prints; pass names a
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from trtc import __version__
 from trtc import artifact as art
-from trtc.artifact import ENGINE_CONFIG, EXPORT_CONFIG, IOTable, Mapping, RankGraph, Source, TensorInfo
+from trtc.artifact import ENGINE_CONFIG, EXPORT_CONFIG, Source
 from trtc.errors import TrtcError
 from trtc.flavour import Flavour, trt_version
 from trtc.log import StageTimes, info, stage
@@ -26,32 +25,12 @@ from trtc.spec import ModelSpec, fingerprint_of
 from . import package
 from .config import (BuildConfig, ExportConfig, check_against_export, check_attention_against_export, check_quant_dtype,
                      check_plugin_flavour, check_plugin_quant, resolve_attention, resolve_dtype)
-from .graph_check import check_graph
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
-from .passes import PassContext, run_passes, validate_dump_after
-from .quantize import QuantConfig, check_targets, quantize_rank_graph, resolve_for_model
+from .passes import validate_dump_after
+from .quantize import QuantConfig, check_targets, resolve_for_model
+from .rank_graphs import (RankGraphs, export_fingerprint, export_rank_graphs, load_export_dir, quantization_record,
+                          quantize_graphs, shard_graphs, write_export_dir)
 from .shard import check_tp, check_tp_early, stamp_file, tp_for_export
-
-
-@dataclass(frozen=True)
-class RankGraphs:
-    """Typed hand-off from export+passes(+quantize) to build: the rank graphs on disk and what they are."""
-
-    dir: Path
-    graphs: tuple[RankGraph, ...]  # one per rank: rank0.onnx + rank0.onnx.data, ...
-    spec: ModelSpec
-    config: ExportConfig
-    io: IOTable
-    source: Source
-    tokenizer_dir: Path
-    pass_stats: dict[str, int]
-    tokenizer_files: tuple[str, ...] = ()   # set when the tokenizer is already saved in `dir` (export dir)
-    quantization: dict | None = None        # quantizer report, when the graphs are quantized
-    mapping: Mapping = Mapping()
-
-    @property
-    def files(self) -> list[str]:
-        return [f for g in self.graphs for f in (g.file, g.data)]
 
 
 def default_output(model: str | None, root: str = "engines") -> Path:
@@ -61,103 +40,9 @@ def default_output(model: str | None, root: str = "engines") -> Path:
     return Path(root) / name
 
 
-def _io_table(model) -> IOTable:
-    import onnx
-
-    def rows(values) -> list[TensorInfo]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            out.append(TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                                  [d.dim_param or d.dim_value for d in t.shape.dim]))
-        return out
-
-    return IOTable(rows(model.graph.input), rows(model.graph.output))
-
-
-def _export_rank_graphs(loaded: LoadedModel, cfg: ExportConfig, work: Path, times: StageTimes,
-                        dump_after: tuple[str, ...], dump_dir: Path | None) -> RankGraphs:
-    from .export import trace
-    from .onnx_io import load_graph, save_graph
-
-    with stage("export", times, f"torch.onnx dynamo, opset {cfg.opset}, {cfg.dtype}"):
-        traced = trace(loaded, cfg, work / "traced")
-    with stage("passes", times):
-        graph = load_graph(traced.onnx_path)
-        ctx = PassContext(spec=traced.spec, max_seq_len=cfg.max_seq_len, dump_after=dump_after,
-                          dump_dir=dump_dir, check=check_graph if os.environ.get("TRTC_CHECK_PASSES") else None,
-                          attention=cfg.attention, kv_block_size=cfg.kv_block_size)
-        graph = run_passes(graph, ctx)
-        check_graph(graph, after="all passes")
-        info("[trtc]   " + ", ".join(f"{k}: {v}" for k, v in ctx.stats.items()))
-        rg = RankGraph(0, art.rank_onnx(0), art.onnx_data(art.rank_onnx(0)))
-        model = save_graph(graph, traced.onnx_path.parent / (traced.onnx_path.name + ".data"), work / rg.file)
-        io = _io_table(model)
-        del model, graph
-        shutil.rmtree(work / "traced", ignore_errors=True)
-    return RankGraphs(dir=work, graphs=(rg,), spec=traced.spec, config=cfg, io=io,
-                      source=Source(model=loaded.source, weights_sha256=loaded.weights_sha256,
-                                    files_sha256=loaded.files_sha256, hf_dir=str(loaded.hf_dir)),
-                      tokenizer_dir=loaded.hf_dir, pass_stats=dict(ctx.stats))
-
-
-def _load_export_dir(d: Path) -> RankGraphs:
-    cfg = art.read_export_config(d)
-    if cfg.mapping.world_size > 1:      # rank graphs of another export are named as such, before the checksums
-        art.check_rank_stamps(d, cfg, "re-run trtc export")
-    art.verify_files(d, cfg.files, rebuild_hint="re-run trtc export", config_name=EXPORT_CONFIG)
-    return RankGraphs(dir=d, graphs=tuple(cfg.onnx), spec=cfg.pretrained_config, config=cfg.export_config,
-                      io=cfg.io, source=cfg.source, tokenizer_dir=d, pass_stats=cfg.passes,
-                      tokenizer_files=tuple(cfg.tokenizer_files), mapping=cfg.mapping,
-                      quantization=cfg.quantization if cfg.quantization.get("config") else None)
-
-
-def _quantize(graphs: RankGraphs, q: QuantConfig, out_dir: Path, times: StageTimes) -> RankGraphs:
-    """Quantize rank 0's graph into out_dir (may be graphs.dir); see compiler/quantize.py."""
-    src = graphs.graphs[0]
-    rg = RankGraph(0, art.rank_onnx(0), art.onnx_data(art.rank_onnx(0)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with stage("quantize", times, f"{q.algo}, kv cache {q.kv_cache_dtype}"):
-        res = quantize_rank_graph(graphs.dir / src.file, out_dir / rg.file, graphs.spec, q,
-                                  graphs.tokenizer_dir, graphs.config.max_seq_len)
-    return dataclasses.replace(graphs, dir=out_dir, graphs=(rg,), io=_io_table(res.model), quantization=res.report)
-
-
-def _shard(graphs: RankGraphs, tp: int, out_dir: Path, times: StageTimes, fingerprint: str) -> RankGraphs:
-    """Split rank 0's graph into tp rank graphs in out_dir (may be graphs.dir: the source is then
-    replaced); see compiler/shard.py."""
-    from .shard import shard_rank_graphs
-
-    staging = out_dir / ".shard"
-    with stage("shard", times, f"tp {tp}: column/row-parallel linears, all-reduce"):
-        ranks, rank0 = shard_rank_graphs(graphs.dir, graphs.graphs[0], staging, graphs.spec, tp, fingerprint)
-        if out_dir.resolve() == graphs.dir.resolve():
-            for n in graphs.files:
-                (graphs.dir / n).unlink()
-        for g in ranks:
-            for n in (g.file, g.data):
-                os.replace(staging / n, out_dir / n)
-        staging.rmdir()
-    return dataclasses.replace(graphs, dir=out_dir, graphs=tuple(ranks), io=_io_table(rank0),
-                               mapping=Mapping(world_size=tp, tp_size=tp))
-
-
-def _export_fingerprint(graphs: RankGraphs, tp: int) -> str:
-    """What an export dir's rank graphs are stamped with (it has no build fingerprint): everything
-    that shapes them."""
-    return fingerprint_of({"trtc": __version__, "format": art.FORMAT_VERSION, "spec": graphs.spec.to_dict(),
-                           "weights": graphs.source.weights_sha256, "files": graphs.source.files_sha256,
-                           "export": dataclasses.asdict(graphs.config), "tp": tp,
-                           "quant": (graphs.quantization or {}).get("fingerprint")})
-
-
 def _quant_blocks(quant: QuantConfig | None) -> tuple[str, int]:
     """(mode, int4 group size) that decide whether a row-parallel shard holds whole scale blocks."""
     return (quant.algo, quant.group_size) if quant is not None and quant.enabled else ("none", 0)
-
-
-def _quantization_record(graphs: RankGraphs) -> dict:
-    return graphs.quantization or {"quant_algo": None, "kv_cache_quant_algo": None}
 
 
 def is_export_dir(model: str | None) -> bool:
@@ -189,27 +74,17 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
     cfg = _export_config(loaded, dtype, max_seq_len, attention, kv_block_size)
     check_quant_dtype(quant, cfg.dtype)
     with package.atomic_dir(output, EXPORT_CONFIG) as tmp:
-        graphs = _export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
+        graphs = export_rank_graphs(loaded, cfg, tmp, times, dump_after, output.parent / (output.name + ".dump"))
         if quant is not None and quant.enabled:
-            graphs = _quantize(graphs, quant, tmp, times)
-        stamp = _export_fingerprint(graphs, tp_size)
+            graphs = quantize_graphs(graphs, quant, tmp, times)
+        stamp = export_fingerprint(graphs, tp_size)
         if tp_size > 1:
-            graphs = _shard(graphs, tp_size, tmp, times, stamp)
+            graphs = shard_graphs(graphs, tp_size, tmp, times, stamp)
         else:
             stamp_file(tmp / graphs.graphs[0].file, stamp, 0, 1)
         with stage("package", times):
-            _write_export_dir(graphs, tmp, loaded.hf_dir)
+            write_export_dir(graphs, tmp, loaded.hf_dir)
     return output, times
-
-
-def _write_export_dir(graphs: RankGraphs, d: Path, hf_dir: Path) -> None:
-    """Tokenizer files and trtc_export.json next to the rank graphs already in `d`."""
-    tok = save_tokenizer(hf_dir, d)
-    art.write_config(d, art.ExportDirConfig(
-        format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=graphs.spec,
-        export_config=graphs.config, mapping=graphs.mapping, quantization=_quantization_record(graphs),
-        io=graphs.io, onnx=list(graphs.graphs), tokenizer_files=tok, source=graphs.source,
-        passes=graphs.pass_stats, files=art.file_table(d, graphs.files + tok)))
 
 
 def _export_reusing(inp: _BuildInput, work: Path, times: StageTimes, dump_after: tuple[str, ...],
@@ -219,7 +94,7 @@ def _export_reusing(inp: _BuildInput, work: Path, times: StageTimes, dump_after:
     targets share it), else exported and stored there."""
     assert inp.loaded is not None
     if cache is None or dump_after:
-        return _export_rank_graphs(inp.loaded, inp.ecfg, work, times, dump_after, dump_dir)
+        return export_rank_graphs(inp.loaded, inp.ecfg, work, times, dump_after, dump_dir)
     key = fingerprint_of({"trtc": __version__, "format": art.FORMAT_VERSION, "spec": inp.spec.to_dict(),
                           "weights": inp.source.weights_sha256, "files": inp.source.files_sha256,
                           "export": dataclasses.asdict(inp.ecfg)})
@@ -228,9 +103,9 @@ def _export_reusing(inp: _BuildInput, work: Path, times: StageTimes, dump_after:
         with stage("cache", times, f"export {key}"):
             hit = cache.fetch_export(key, d)
         if hit:
-            return _load_export_dir(d)
-        graphs = _export_rank_graphs(inp.loaded, inp.ecfg, d, times, dump_after, dump_dir)
-        _write_export_dir(graphs, d, inp.loaded.hf_dir)
+            return load_export_dir(d)
+        graphs = export_rank_graphs(inp.loaded, inp.ecfg, d, times, dump_after, dump_dir)
+        write_export_dir(graphs, d, inp.loaded.hf_dir)
         cache.store_export(key, d)
     return graphs
 
@@ -265,7 +140,7 @@ def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: 
     quant = quant if quant is not None and quant.enabled else None
     if is_export_dir(model):
         with stage("load", times, f"export dir {model}"):
-            graphs = _load_export_dir(Path(str(model)))
+            graphs = load_export_dir(Path(str(model)))
         check_against_export(graphs.config, dtype, max_seq_len)
         check_attention_against_export(graphs.config, attention, kv_block_size)
         check_plugin_flavour(graphs.config.attention, flavour)
@@ -438,9 +313,9 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
         if graphs is None:
             graphs = _export_reusing(inp, work, times, dump_after, output.parent / (output.name + ".dump"), cache)
         if inp.quant is not None:
-            graphs = _quantize(graphs, inp.quant, work / "quant", times)
+            graphs = quantize_graphs(graphs, inp.quant, work / "quant", times)
         if inp.tp > graphs.mapping.tp_size:
-            graphs = _shard(graphs, inp.tp, work / "shard", times, fingerprint)
+            graphs = shard_graphs(graphs, inp.tp, work / "shard", times, fingerprint)
         spec, ecfg = graphs.spec, graphs.config
         per_target = [[t] for t in bcfg.targets] if bcfg.engine_per_target else [list(bcfg.targets)]
         with package.atomic_dir(output, ENGINE_CONFIG) as tmp:
@@ -468,7 +343,7 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
                     stamp_file(tmp / g.file, fingerprint, g.rank, graphs.mapping.world_size)
                 art.write_config(tmp, art.EngineConfig(
                     format_version=art.FORMAT_VERSION, trtc_version=__version__, pretrained_config=spec,
-                    export_config=ecfg, mapping=graphs.mapping, quantization=_quantization_record(graphs),
+                    export_config=ecfg, mapping=graphs.mapping, quantization=quantization_record(graphs),
                     io=graphs.io, onnx=kept, tokenizer_files=tok, source=graphs.source,
                     passes=graphs.pass_stats,
                     files=art.file_table(tmp, [e.file for e in engines] + tok + [n for g in kept
