@@ -30,7 +30,8 @@ from .passes import validate_dump_after
 from .quantize import QuantConfig, check_targets, resolve_for_model
 from .rank_graphs import (RankGraphs, export_fingerprint, export_rank_graphs, load_export_dir, quantization_record,
                           quantize_graphs, shard_graphs, write_export_dir)
-from .shard import check_tp, check_tp_early, stamp_file, tp_for_export
+from .shard import stamp_file
+from .tp import check_tp, check_tp_early, tp_for_export
 
 
 def default_output(model: str | None, root: str = "engines") -> Path:

@@ -161,7 +161,7 @@ def test_weight_quantization_of_experts_is_refused(family):
 @pytest.mark.parametrize("family,why", [("phi3", "fused qkv_proj / gate_up_proj"),
                                         ("mixtral", "mixture-of-experts MLPs")])
 def test_tensor_parallelism_is_refused_naming_the_feature(family, why):
-    from trtc.compiler.shard import check_tp
+    from trtc.compiler.tp import check_tp
 
     check_tp(_spec(family), 1)
     with pytest.raises(TrtcError, match=f"--tp-size 2: .*{why}.*use --tp-size 1"):

@@ -257,7 +257,7 @@ def _check_tp(params: dict, q) -> None:
     """--tp-size against the model's heads and sizes when its config is readable without loading
     it (a local dir, a prepared bundled model, an export dir); else the build checks it first."""
     from trtc.compiler.quantize import resolve_for_model
-    from trtc.compiler.shard import check_tp, check_tp_attention, local_spec
+    from trtc.compiler.tp import check_tp, check_tp_attention, local_spec
 
     tp = params.get("tp_size") or 1
     check_tp_attention(tp, params.get("attention") or "native")

@@ -14,6 +14,7 @@ import pytest
 from factories import pass_test_spec
 from trtc import artifact as art
 from trtc.compiler import shard
+from trtc.compiler import tp as tp_policy
 from trtc.errors import TrtcError
 
 V, H, D, INTER, T = 32, 16, 4, 24, 16     # vocab, hidden, head dim, MLP width, cache length
@@ -28,33 +29,33 @@ def spec_of(hq: int, hkv: int, inter: int = INTER):
 
 def test_valid_tp_sizes_and_the_error_names_them():
     smollm2 = spec_of(9, 3, inter=1536)                       # SmolLM2-135M's heads and MLP
-    assert shard.valid_tp_sizes(smollm2) == [1, 3]
-    shard.check_tp(smollm2, 3)
+    assert tp_policy.valid_tp_sizes(smollm2) == [1, 3]
+    tp_policy.check_tp(smollm2, 3)
     with pytest.raises(TrtcError) as e:
-        shard.check_tp(smollm2, 2)
+        tp_policy.check_tp(smollm2, 2)
     assert "--tp-size 2" in str(e.value) and "valid tp sizes for this model: 1, 3" in str(e.value)
-    assert shard.valid_tp_sizes(spec_of(8, 2)) == [1, 2, 4, 8]     # 4 and 8 replicate the 2 KV heads
-    assert shard.valid_tp_sizes(spec_of(8, 1)) == [1, 2, 4, 8]     # one KV head: every rank keeps it
+    assert tp_policy.valid_tp_sizes(spec_of(8, 2)) == [1, 2, 4, 8]     # 4 and 8 replicate the 2 KV heads
+    assert tp_policy.valid_tp_sizes(spec_of(8, 1)) == [1, 2, 4, 8]     # one KV head: every rank keeps it
     with pytest.raises(TrtcError, match="intermediate size 24 is not divisible by 16"):
-        shard.check_tp(spec_of(16, 16), 16)
+        tp_policy.check_tp(spec_of(16, 16), 16)
     with pytest.raises(TrtcError, match="neither be split 4 ways nor replicated"):
-        shard.check_tp(spec_of(12, 6, inter=48), 4)
+        tp_policy.check_tp(spec_of(12, 6, inter=48), 4)
 
 
 def test_blocks_of_scales_must_not_straddle_a_row_shard():
     spec = spec_of(8, 2, inter=128)                      # o_proj input 32 rows, down_proj 128
-    shard.check_tp(spec, 2, "int4_awq", 16)              # 16 and 64 rows per rank: whole groups
+    tp_policy.check_tp(spec, 2, "int4_awq", 16)              # 16 and 64 rows per rank: whole groups
     with pytest.raises(TrtcError) as e:
-        shard.check_tp(spec, 2, "int4_awq", 32)
+        tp_policy.check_tp(spec, 2, "int4_awq", 32)
     assert "o_proj holds 16 input rows" in str(e.value) and "use --group-size 16" in str(e.value)
     with pytest.raises(TrtcError, match="nvfp4's 16-row blocks"):
-        shard.check_tp(spec, 4, "nvfp4")
-    shard.check_tp(spec, 4, "int8_wo")                   # per-column scales: any split
+        tp_policy.check_tp(spec, 4, "nvfp4")
+    tp_policy.check_tp(spec, 4, "int8_wo")                   # per-column scales: any split
 
 
 def test_plugin_attention_is_refused_with_the_reason():
     with pytest.raises(TrtcError, match="--attention plugin with --tp-size 2 is not supported"):
-        shard.check_tp(spec_of(4, 2), 2, attention="plugin")
+        tp_policy.check_tp(spec_of(4, 2), 2, attention="plugin")
 
 
 @pytest.mark.parametrize("hq, hkv, tp, kv_cols", [
