@@ -50,6 +50,7 @@ def quiet_third_party(verbose: bool = False) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")      # bars of libraries that use tqdm directly (GGUF dequantization)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # torch configures its own loggers when imported (after this runs): "-onnx" = ERROR and above
     os.environ.setdefault("TORCH_LOGS", "-onnx,-dynamo,-export")
