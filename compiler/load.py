@@ -209,12 +209,13 @@ def _convert_once(gguf: Path, final: Path, what: str) -> Path:
     """Convert `gguf` into the cached HF dir `final` unless it is there; atomic (temp + rename)."""
     if (final / "config.json").is_file():
         return final
-    from trtc.log import info
+    from trtc.log import info, third_party_output
 
     info(f"[trtc] preparing {what} from {gguf.name} into {final} (once)")
     tmp = _atomic_dir(final)
     try:
-        _gguf_to_hf_dir(gguf, tmp)
+        with third_party_output():      # transformers' dequantization progress bar
+            _gguf_to_hf_dir(gguf, tmp)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

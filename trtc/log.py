@@ -46,6 +46,8 @@ def quiet_third_party(verbose: bool = False) -> None:
     import os
     import warnings
 
+    global _verbose
+    _verbose = verbose
     if verbose:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -65,6 +67,22 @@ def quiet_third_party(verbose: bool = False) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+_verbose = True      # until the CLI says otherwise (quiet_third_party): library users keep their output
+
+
+@contextlib.contextmanager
+def third_party_output():
+    """Around a library call that writes its own progress to stderr (tqdm imported before the
+    CLI could disable it): that output is dropped unless --verbose."""
+    if _verbose:
+        yield
+        return
+    import os
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        yield
 
 
 def info(msg: str) -> None:
