@@ -44,7 +44,10 @@ class TracedGraph:
     config: ExportConfig
 
 
-def _wrapper(model, num_layers: int):
+def _wrapper(model, num_layers: int, marks: list | None = None):
+    """The module torch.onnx traces: flat tensors in, logits and the new cache out; with `marks`
+    (decoder layer modules), each one's output hidden states too (the stacked export's layer
+    boundaries)."""
     import torch
     from transformers.cache_utils import DynamicCache
 
@@ -52,28 +55,146 @@ def _wrapper(model, num_layers: int):
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.captured: list = []
+            for layer in marks or ():
+                layer.register_forward_hook(lambda mod, args, out: self.captured.append(
+                    out[0] if isinstance(out, tuple) else out))
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
+            self.captured = []
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)])
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
             res = [out.logits]
             for layer in out.past_key_values.layers:
                 res += [layer.keys, layer.values]
-            return tuple(res)
+            return tuple(res + self.captured)
 
     return CausalLMWithCache(model).eval()
 
 
 def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
-    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data)."""
-    import torch
+    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data): by stacking a traced template
+    of a few layers (compiler/stack.py), or, where stacking does not apply, by tracing every layer."""
+    from trtc.log import info
+
+    from .stack import StackUnsupported
 
     # The family fixes at export what depends on the engine's length (LongRoPE's factor set) and
     # swaps what cannot be traced ahead of time (data-dependent expert loops) for its equivalent.
     spec = loaded.adapter.for_export(loaded.spec, cfg.max_seq_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        path = _trace_stacked(loaded, spec, cfg, out_dir)
+    except StackUnsupported as e:
+        info(f"[trtc]   tracing all {spec.num_layers} layers ({e})")
+        for f in out_dir.iterdir():
+            if f.is_file():
+                f.unlink()
+        path = _trace_full(loaded, spec, cfg, out_dir)
+    return TracedGraph(onnx_path=path, spec=spec, config=cfg)
+
+
+def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_dir: Path) -> Path:
+    import dataclasses
+    import shutil
+
+    import onnx
+
+    from trtc.log import info
+
+    from . import stack
+    from .load import read_hf_config
+
+    hf_cfg = read_hf_config(loaded.hf_dir)
+    kinds = stack.layer_kinds(hf_cfg)
+    plan = stack.plan_stack(kinds)
+    T, L = plan.template_layers, plan.num_layers
+    if T >= L:
+        raise stack.StackUnsupported(f"{L} layers: no layer beyond the {T}-layer template")
+    ckpt = stack.checkpoint_index(loaded.hf_dir)
+    model = _template_model(loaded, hf_cfg, cfg.dtype, T)
+    layers_path = stack.decoder_layers_path(model)
+    tspec = dataclasses.replace(spec, num_layers=T, layer_types=spec.layer_types[:T])
+    loaded.adapter.prepare_trace(model, tspec)
+    info(f"[trtc]   tracing a {T}-layer template, stacked to {L} layers")
+    tdir = out_dir / "template"
+    tpath = _export(model, tspec, cfg, tdir, marks=list(model.get_submodule(layers_path)))
+    index = stack.param_index(model)
+    aliases = _checkpoint_aliases(model, ckpt)
+    del model
+    gc.collect()
+    proto = onnx.load(str(tpath), load_external_data=False)
+    bound = stack.bind_initializers(proto, tdir, index)
+    parts = stack.split_nodes(proto.graph, stack._layer_re(layers_path), T)
+    stack.check_siblings(parts, proto.graph, bound, kinds, tdir)
+    stacker = stack.Stacker(proto, parts, plan, layers_path, bound, aliases)
+    model_proto = stack.assemble(proto, parts, plan, stacker, tdir)
+    path = out_dir / "traced.onnx"
+    pattern = __import__("re").compile(__import__("re").escape(layers_path) + r"\.(\d+)\.")
+
+    def layer_of(name: str) -> int | None:
+        m = pattern.match(name)
+        return int(m.group(1)) if m else None
+
+    stack.write_weights(model_proto, list(stacker.weights.values()), ckpt, cfg.dtype,
+                        out_dir / (path.name + ".data"), layer_of, L)
+    onnx.save_model(model_proto, str(path))
+    shutil.rmtree(tdir, ignore_errors=True)
+    return path
+
+
+def _checkpoint_aliases(model, ckpt: dict) -> dict[str, str]:
+    """Parameter name -> the name the checkpoint stores it under (tied parameters are stored once)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    out = {}
+    for names in groups.values():
+        stored = next((n for n in names if n in ckpt), None)
+        if stored is not None:
+            out.update({n: stored for n in names})
+    return out
+
+
+def _template_model(loaded: LoadedModel, hf_cfg, dtype: str, T: int):
+    """The model's architecture cut to T layers, with distinct random parameters (stack.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .load import attn_implementation
+    from .stack import fill_distinct, template_config
+
+    model = AutoModelForCausalLM.from_config(template_config(hf_cfg, T), dtype=getattr(torch, dtype),
+                                             attn_implementation=attn_implementation(loaded.spec))
+    fill_distinct(model)
+    return model.eval()
+
+
+def _trace_full(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_dir: Path) -> Path:
+    """Every layer traced; initializers then named after the parameters they hold."""
+    import onnx
+
+    from . import stack
+
     model = load_torch_model(loaded, cfg.dtype)
     loaded.adapter.prepare_trace(model, spec)
+    path = _export(model, spec, cfg, out_dir)
+    index = stack.param_index(model)
+    del model
+    gc.collect()
+    proto = onnx.load(str(path), load_external_data=False)
+    stack.name_after_params(proto, stack.bind_initializers(proto, out_dir, index))
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path, marks: list | None = None) -> Path:
+    """torch.onnx (dynamo) export of `model` to out_dir/traced.onnx with external data."""
+    import os
+
+    import torch
+
     dtype = getattr(torch, cfg.dtype)
     L = spec.num_layers
     # Example sizes avoid 0/1 so torch.export does not specialize the dims.
@@ -89,16 +210,19 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
                tuple({0: batch, 2: plen} for _ in range(2 * L)))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "traced.onnx"
+    from .stack import MARK
+
     with torch.no_grad():
         program = torch.onnx.export(
-            _wrapper(model, L), (ids, mask, pos, *past), dynamic_shapes=dynamic, dynamo=True,
+            _wrapper(model, L, marks), (ids, mask, pos, *past), dynamic_shapes=dynamic, dynamo=True,
             opset_version=cfg.opset, external_data=True,
             input_names=[art.INPUT_IDS, art.ATTENTION_MASK, art.POSITION_IDS, *past_names(L)],
-            output_names=[art.LOGITS, *present_names(L)], verbose=bool(__import__('os').environ.get('TRTC_EXPORT_VERBOSE')), report=False,
+            output_names=[art.LOGITS, *present_names(L), *(f"{MARK}{j}" for j in range(len(marks or ())))],
+            verbose=bool(os.environ.get("TRTC_EXPORT_VERBOSE")), report=False,
         )
     if program is None:
         raise TrtcInternalError("torch.onnx.export returned no program")
     program.save(str(path), external_data=True)
-    del program, model
+    del program
     gc.collect()
-    return TracedGraph(onnx_path=path, spec=spec, config=cfg)
+    return path
