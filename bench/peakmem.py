@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Run a command; print its wall time, peak anonymous memory and peak RSS of its process tree.
+
+    .venv/bin/python bench/peakmem.py trtc build --model M --dtype float16 --output E
+
+Anonymous memory (RssAnon) is what a build really holds: pages of memory-mapped files are
+reclaimable and not counted there, every copy is. Sampled every 0.1 s from /proc (Linux), summed
+over the command and all its children (trtc's builder child included). The last stderr line is
+JSON. `tree_memory` is the one-sample function the build bench uses too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def status_kib(pid: int, name: str) -> int:
+    """One field of /proc/PID/status in KiB (RssAnon, VmRSS); 0 when the process is gone."""
+    try:
+        st = Path(f"/proc/{pid}/status").read_text()
+        return int(st.split(name + ":")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (through /proc/PID/task/PID/children)."""
+    out, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(RssAnon, VmRSS) in KiB, each summed over pid's process tree at this instant."""
+    pids = process_tree(pid)
+    return sum(status_kib(p, "RssAnon") for p in pids), sum(status_kib(p, "VmRSS") for p in pids)
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        sys.exit(__doc__)
+    t0 = time.time()
+    proc = subprocess.Popen(argv)
+    peak = {"anon": 0, "rss": 0}
+
+    def poll() -> None:
+        while proc.poll() is None:
+            anon, rss = tree_memory(proc.pid)
+            peak["anon"] = max(peak["anon"], anon)
+            peak["rss"] = max(peak["rss"], rss)
+            time.sleep(0.1)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    rc = proc.wait()
+    th.join()
+    wall = time.time() - t0
+    res = {"rc": rc, "wall_s": round(wall, 2), "peak_anon_gib": round(peak["anon"] / 2**20, 3),
+           "peak_rss_gib": round(peak["rss"] / 2**20, 3)}
+    print(f"peakmem: exit {rc}, {wall:.1f} s, peak anonymous {res['peak_anon_gib']:.2f} GiB, "
+          f"peak RSS {res['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    print(json.dumps(res), file=sys.stderr)
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
