@@ -42,6 +42,7 @@ class TracedGraph:
     onnx_path: Path          # model with external data next to it
     spec: ModelSpec
     config: ExportConfig
+    template_layers: int = 0  # layers traced when stacked (compiler/stack.py); 0: every layer traced
 
 
 def _wrapper(model, num_layers: int, marks: list | None = None):
@@ -85,17 +86,18 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
     spec = loaded.adapter.for_export(loaded.spec, cfg.max_seq_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        path = _trace_stacked(loaded, spec, cfg, out_dir)
+        path, template = _trace_stacked(loaded, spec, cfg, out_dir)
     except StackUnsupported as e:
+        template = 0
         info(f"[trtc]   tracing all {spec.num_layers} layers ({e})")
         for f in out_dir.iterdir():
             if f.is_file():
                 f.unlink()
         path = _trace_full(loaded, spec, cfg, out_dir)
-    return TracedGraph(onnx_path=path, spec=spec, config=cfg)
+    return TracedGraph(onnx_path=path, spec=spec, config=cfg, template_layers=template)
 
 
-def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_dir: Path) -> Path:
+def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_dir: Path) -> tuple[Path, int]:
     import dataclasses
     import shutil
 
@@ -141,7 +143,7 @@ def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_
                         out_dir / (path.name + ".data"), layer_of, L)
     onnx.save_model(model_proto, str(path))
     shutil.rmtree(tdir, ignore_errors=True)
-    return path
+    return path, T
 
 
 def _checkpoint_aliases(model, ckpt: dict) -> dict[str, str]:

@@ -185,12 +185,14 @@ def _layer_re(layers_path: str) -> re.Pattern:
     return re.compile(r"(?:^|/)m\." + re.escape(layers_path) + r"\.(\d+): ")
 
 
-def node_layer(node, pattern: re.Pattern) -> int | None:
+def node_layer(node, pattern: re.Pattern) -> int | None | bool:
+    """The decoder layer whose module made `node`; None outside the layers; False when the node has
+    no namespace (nodes made by the exporter's rewrites, e.g. a Split of a fused projection)."""
     for p in node.metadata_props:
         if p.key == "namespace":
             found = pattern.findall(p.value)
             return int(found[-1]) if found else None
-    return None
+    return False
 
 
 def decoder_layers_path(model) -> str:
@@ -216,8 +218,12 @@ def split_nodes(graph, pattern: re.Pattern, T: int) -> _Parts:
     blocks: dict[int, list] = {j: [] for j in range(T)}
     prefix, suffix, order = [], [], []
     after_layers: set[str] = set()           # tensors that depend on a layer's output
+    made_by: dict[str, int] = {}             # tensor -> the layer whose node computes it
     for n in graph.node:
         j = node_layer(n, pattern)
+        if j is False:                       # no namespace: the layer of what it reads, if just one
+            src = {made_by[i] for i in n.input if i in made_by}
+            j = src.pop() if len(src) == 1 else None
         if any(a.g.node or a.graphs for a in n.attribute):
             raise StackUnsupported(f"node {n.name} has a subgraph")
         if j is not None:
@@ -226,6 +232,7 @@ def split_nodes(graph, pattern: re.Pattern, T: int) -> _Parts:
             blocks[j].append(n)
             order.append(n)
             after_layers.update(n.output)
+            made_by.update((o, j) for o in n.output)
         elif any(i in after_layers for i in n.input):
             suffix.append(n)
             after_layers.update(n.output)
