@@ -1,6 +1,6 @@
 """Calibration for `--quant`: run the float rank graph on ONNX Runtime over windows of the
-calibration text, with the activations the quantizer needs exposed as extra graph outputs, and
-keep their statistics.
+calibration text one decoder layer at a time (calib_slices.py), with the activations the quantizer
+needs exposed as outputs of each layer's slice, and keep their statistics.
 
 Calibrating the rank graph itself (not the torch model) means no mapping of torch module names to
 ONNX nodes, and the statistics are those of the exact graph TensorRT will compile.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from trtc import artifact as art
 from trtc.bundled import data_file
-from trtc.errors import TrtcError
+from trtc.errors import TrtcError, TrtcInternalError
 from trtc.spec import ModelSpec
 
 from .quant_config import QuantConfig
@@ -110,26 +112,14 @@ def calibration_windows(tokenizer_dir: Path, q: QuantConfig, max_seq_len: int) -
     return [ids[i:i + S] for i in starts]
 
 
-def _session_with_outputs(graph, graph_dir: Path, names: list[str]):
-    """ONNX Runtime session of `graph` (onnx-graphsurgeon, weights in graph_dir) with `names` as
-    extra outputs. Activations have the logits' dtype (the model dtype)."""
+def _session(model, graph_dir: Path):
+    """ONNX Runtime session of a slice model whose weights are references into graph_dir's data file
+    (saved next to it so the relative references resolve; removed once loaded)."""
     import onnx
-    import onnx_graphsurgeon as gs
     import onnxruntime as ort
 
-    g = graph.copy()                       # tensors are copied, weight values shared
-    tensors = g.tensors()
-    dtype = tensors[art.LOGITS].dtype
-    have = {t.name for t in g.outputs}
-    for n in names:
-        if n not in have:
-            t = tensors[n]
-            t.dtype, t.shape = dtype, None
-            g.outputs.append(t)
-    # In graph_dir: the large weights are references into its data file, relative to the graph.
     tmp = graph_dir / f".calib-{os.getpid()}.onnx"
-    onnx.save_model(gs.export_onnx(g), str(tmp))
-    del g, tensors
+    onnx.save_model(model, str(tmp))
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -138,18 +128,57 @@ def _session_with_outputs(graph, graph_dir: Path, names: list[str]):
         tmp.unlink(missing_ok=True)
 
 
-def calibrate(graph, graph_dir: Path, plan: CalibrationPlan, windows: list[np.ndarray], spec: ModelSpec,
-              max_seq_len: int) -> dict[str, ActStats]:
-    """Run `graph` over the windows (batch 1, empty cache); statistics of each tensor in `plan`."""
-    sess = _session_with_outputs(graph, graph_dir, plan.names)
-    cache_dtype = {i.name: {"tensor(float)": np.float32, "tensor(float16)": np.float16}[i.type]
-                   for i in sess.get_inputs() if art.is_cache_input(i.name)}
-    zeros = {past: np.zeros(art.cache_shape(1, spec.num_kv_heads, max_seq_len, spec.head_dim), cache_dtype[past])
-             for past, _ in art.cache_names(spec.num_layers)}
-    stats = {n: ActStats() for n in plan.names}
+def _graph_feeds(names: list[str], w: np.ndarray, types: dict[str, int], spec: ModelSpec,
+                 max_seq_len: int) -> dict[str, np.ndarray]:
+    """Graph inputs of one window (batch 1): its tokens, positions 0..S-1, empty caches."""
+    from onnx import helper
+
+    feeds = {}
+    for n in names:
+        if n == art.INPUT_IDS:
+            feeds[n] = w[None]
+        elif n == art.POSITION_IDS:
+            feeds[n] = np.arange(len(w), dtype=np.int64)[None]
+        elif art.is_cache_input(n):
+            feeds[n] = np.zeros(art.cache_shape(1, spec.num_kv_heads, max_seq_len, spec.head_dim),
+                                helper.tensor_dtype_to_np_dtype(types[n]))
+        else:
+            raise TrtcInternalError(f"calibration: no value for graph input {n}")
+    return feeds
+
+
+def calibrate_by_unit(graph_path: Path, plan: CalibrationPlan, windows: list[np.ndarray], spec: ModelSpec,
+                      max_seq_len: int) -> Iterator[tuple[int, dict[str, ActStats], float]]:
+    """Run the rank graph over the windows (batch 1, empty cache) one slice at a time
+    (calib_slices.py); yields (unit, statistics of the tensors of `plan` that unit makes, seconds).
+    Held at once: one slice's session and weights, the carried tensors of every window
+    ([windows, S, hidden]-sized) and one unit's statistics."""
+    import onnx
+
+    from .calib_slices import elem_types, slice_model, slices
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    types = elem_types(model)
+    parts = slices(model.graph, plan.names)
+    last_read = {t: s.unit for s in parts for t in s.inputs}
+    carried: dict[str, list[np.ndarray]] = {}
     keep = max(1, AWQ_ROWS // max(1, len(windows)))
-    for w in windows:
-        feeds = {art.INPUT_IDS: w[None], art.POSITION_IDS: np.arange(len(w), dtype=np.int64)[None], **zeros}
-        for n, x in zip(plan.names, sess.run(plan.names, feeds)):
-            stats[n].add(x, keep if n in plan.rows else 0, n in plan.hessian)
-    return stats
+    for s in parts:
+        t0 = time.time()
+        sess = _session(slice_model(model, s, types), graph_path.parent)
+        stats = {n: ActStats() for n in s.observed}
+        made: dict[str, list[np.ndarray]] = {t: [] for t in s.carried_out}
+        graph_inputs = [t for t in s.inputs if t not in carried]
+        for k, w in enumerate(windows):
+            feeds = _graph_feeds(graph_inputs, w, types, spec, max_seq_len)
+            feeds.update({t: carried[t][k] for t in s.inputs if t in carried})
+            for n, x in zip(s.outputs, sess.run(s.outputs, feeds)):
+                if n in made:
+                    made[n].append(x)
+                if n in stats:
+                    stats[n].add(x, keep if n in plan.rows else 0, n in plan.hessian)
+        del sess
+        carried.update(made)
+        for t in [t for t in carried if last_read.get(t, -2) <= s.unit]:
+            del carried[t]
+        yield s.unit, stats, time.time() - t0

@@ -20,11 +20,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import quant_algos as qa
-from .quant_algos import FP8_MAX, INT8_MAX
+from .quant_grid import FP8_MAX, INT8_MAX, Grid
 
 if TYPE_CHECKING:
     from .calibrate import ActStats
+
+def _qa():
+    """The torch algorithms, imported when first used (torch takes seconds to import; option
+    checks and `trtc --help` need none of it)."""
+    from . import quant_algos
+    return quant_algos
+
 
 NVFP4_BLOCK = 16       # input rows per FP8 block scale
 FP4_MAX = 6.0          # largest e2m1 magnitude
@@ -58,34 +64,71 @@ RECIPES = {
 }
 
 
-def grid_of(algo: str, group_size: int) -> qa.Grid:
+def grid_of(algo: str, group_size: int) -> Grid:
     kind = RECIPES[algo].grid
     if kind == "int8":
-        return qa.Grid("int", -int(INT8_MAX), int(INT8_MAX), 0)
+        return Grid("int", -int(INT8_MAX), int(INT8_MAX), 0)
     if kind == "int4":
-        return qa.Grid("int", 0, 15, group_size)
-    return qa.Grid("fp8", 0, 0, 0)
+        return Grid("int", 0, 15, group_size)
+    return Grid("fp8", 0, 0, 0)
 
 
-def quantize_weight(w: np.ndarray, algo: str, grid: qa.Grid, st: ActStats | None,
+def quantize_weight(w: np.ndarray, algo: str, grid: Grid, st: ActStats | None,
                     s: np.ndarray | None = None):
-    """(stored values, scales [G, N], offsets [G, N] or None) of w [K, N] (already multiplied by
-    the AWQ scales `s`, whose inverse the activation gets)."""
+    """(stored values, scales [G, N], offsets [G, N] or None), numpy, of w [K, N] (already
+    multiplied by the AWQ scales `s`, whose inverse the activation gets); computed in torch on
+    `qa.device()`."""
+    qa = _qa()
     r = RECIPES[algo]
+    dev = qa.device()
+    wt = qa.tensor(w, dev)
     s = np.ones(w.shape[0], np.float32) if s is None else s
     clip = 1.0
     if r.clip:
-        clip = qa.clip_search(w, np.concatenate(st.rows) / s, grid)
+        clip = qa.clip_search(wt, qa.tensor(np.concatenate(st.rows) / s, dev), grid)
     if r.gptq:
-        return qa.gptq(w, st.hessian / np.outer(s, s), grid, clip=None if not r.clip else clip)
-    return qa.rtn(w, grid, clip)
+        H = qa.tensor(st.hessian / np.outer(s, s), dev, qa.F64)
+        out = qa.gptq(wt, H, grid, clip=None if not r.clip else clip)
+    else:
+        out = qa.rtn(wt, grid, clip)
+    return tuple(None if t is None else qa.numpy(t) for t in out)
+
+
+def dequantize(q: np.ndarray, grid: Grid, s: np.ndarray, lo: np.ndarray | None) -> np.ndarray:
+    """The weight the graph applies (float32, numpy) for stored values q."""
+    qa = _qa()
+    t = qa.tensor
+    return qa.numpy(qa.dequantize(t(q), grid, t(s), None if lo is None else t(lo)))
+
+
+def awq_scales(x: np.ndarray, mean_abs: np.ndarray, ws: list[np.ndarray], algo: str, group_size: int):
+    """qa.awq_scales on numpy inputs: (s [K] float32 numpy, alpha, loss ratio vs plain rounding)."""
+    qa = _qa()
+    dev = qa.device()
+    s, alpha, ratio = qa.awq_scales(qa.tensor(x, dev), qa.tensor(mean_abs, dev), [qa.tensor(w, dev) for w in ws],
+                                    qdq(algo, group_size))
+    return qa.numpy(s), alpha, ratio
+
+
+def hessian_eig(H: np.ndarray) -> tuple:
+    """qa.hessian_eig of a numpy Hessian; the result stays on the device for `low_rank`."""
+    qa = _qa()
+    return qa.hessian_eig(qa.tensor(H, qa.device(), qa.F64))
+
+
+def low_rank(err: np.ndarray, eig: tuple, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """qa.low_rank factors (A [K, r], B [r, N], numpy float32) of a numpy weight error."""
+    qa = _qa()
+    A, B = qa.low_rank(qa.tensor(err, eig[1].device, qa.F64), eig, r)
+    return qa.numpy(A), qa.numpy(B)
 
 
 def qdq(algo: str, group_size: int):
-    """[K, N] -> the weight as the graph will see it after round-to-nearest (for searches)."""
+    """[K, N] tensor -> the weight as the graph will see it after round-to-nearest (for searches)."""
     grid = grid_of(algo, group_size)
 
     def f(w):
+        qa = _qa()
         q, sc, lo = qa.rtn(w, grid)
         return qa.dequantize(q, grid, sc, lo)
     return f
@@ -112,7 +155,13 @@ def int8_columns(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def error_ratio(e: np.ndarray, c: np.ndarray, H: np.ndarray) -> float:
-    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c."""
+    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c
+    (float64, on `qa.device()`: H @ d is a [K, K] x [K, N] product)."""
+    qa = _qa()
+    dev = qa.device()
+    Ht = qa.tensor(H, dev, qa.F64)
+
     def energy(d):
-        return float(np.einsum("kn,kn->", d, H @ d))
+        d = qa.tensor(d, dev, qa.F64)
+        return float((d * (Ht @ d)).sum())
     return float(np.sqrt(energy(e - c) / max(energy(e), 1e-30)))

@@ -33,7 +33,8 @@ from . import quant_algos as qa
 from .calibrate import ActStats
 from .quant_algos import FP8_MAX, INT8_MAX
 from .quant_config import QuantConfig
-from .quant_recipes import NVFP4_BLOCK, RECIPES, error_ratio, grid_of, int8_columns, qdq, quant_nvfp4, quantize_weight
+from .quant_recipes import (NVFP4_BLOCK, RECIPES, awq_scales, dequantize, error_ratio, grid_of, hessian_eig, int8_columns,
+                            low_rank, quant_nvfp4, quantize_weight)
 from .quant_report import QuantLog
 
 
@@ -83,8 +84,9 @@ def _proto_const(t: TensorProto) -> gs.Constant:
         return gs.Constant(t.name, LazyValues(t))
 
 
-def _const(name: str, arr) -> gs.Constant:
-    return _proto_const(numpy_helper.from_array(np.asarray(arr), name))
+def _const(c: "_Ctx", name: str, arr) -> gs.Constant:
+    """A new constant; a large one goes straight to the output data file (quant_store.py)."""
+    return _proto_const(c.writer.put(numpy_helper.from_array(np.asarray(arr), name)))
 
 
 def _node(op: str, name: str, inputs: list, output: str | gs.Variable, **attrs) -> gs.Variable:
@@ -144,6 +146,7 @@ class _Ctx:
     weights_dir: Path
     np_f: np.dtype          # model dtype: float constants added to the graph
     log: QuantLog
+    writer: object          # quant_store.DataWriter: large new constants go to the data file at once
 
 
 # --- per activation -----------------------------------------------------------------------------
@@ -167,10 +170,10 @@ class _Input:
 def _awq(c: _Ctx, first, inp: _Input, ws: list[np.ndarray]) -> list[np.ndarray]:
     """x_awq = x * (1/s); returns the group's weights with row k multiplied by s_k."""
     x = inp.x.name
-    s, alpha, ratio = qa.awq_scales(np.concatenate(inp.st.rows), inp.st.abs_sum / inp.st.count, ws,
-                                    qdq(c.q.algo, c.q.group_size))
+    s, alpha, ratio = awq_scales(np.concatenate(inp.st.rows), inp.st.abs_sum / inp.st.count, ws,
+                                 c.q.algo, c.q.group_size)
     c.log.awq.append((alpha, ratio))
-    inp.x_in = _node("Mul", f"{x}_awq_mul", [inp.x, _const(f"{x}_awq_inv_scale", (1.0 / s).astype(c.np_f))],
+    inp.x_in = _node("Mul", f"{x}_awq_mul", [inp.x, _const(c, f"{x}_awq_inv_scale", (1.0 / s).astype(c.np_f))],
                      f"{x}_awq")
     c.edits.before(first, inp.x_in)
     inp.s = s
@@ -187,7 +190,7 @@ def _split_outliers(c: _Ctx, first, inp: _Input) -> None:
     inp.outliers = np.sort(np.argsort(cam)[-c.q.outlier_channels:])
     inp.keep = np.setdiff1d(np.arange(len(cam)), inp.outliers)
     inp.x_outliers = _node("Gather", f"{x}_outlier_gather",
-                           [inp.x_in, _const(f"{x}_outlier_idx", inp.outliers.astype(np.int64))],
+                           [inp.x_in, _const(c, f"{x}_outlier_idx", inp.outliers.astype(np.int64))],
                            f"{x}_outliers", axis=-1)
     c.edits.before(first, inp.x_outliers)
     c.log.outliers.append(float(cam.max() / max(cam[inp.keep].max(), 1e-8)))
@@ -202,9 +205,9 @@ def _fp8_activation(c: _Ctx, first, inp: _Input) -> None:
     if inp.outliers is not None:
         mask = np.ones(len(inp.outliers) + len(inp.keep), c.np_f)
         mask[inp.outliers] = 0
-        x_q = _node("Mul", f"{x}_inlier_mul", [inp.x, _const(f"{x}_inlier_mask", mask)], f"{x}_fp8_inliers")
+        x_q = _node("Mul", f"{x}_inlier_mul", [inp.x, _const(c, f"{x}_inlier_mask", mask)], f"{x}_fp8_inliers")
         c.edits.before(first, x_q)
-    sc = _const(f"{x}_fp8_scale", np.array(max(inp.st.amax, 1e-8) / FP8_MAX, dtype=c.np_f))
+    sc = _const(c, f"{x}_fp8_scale", np.array(max(inp.st.amax, 1e-8) / FP8_MAX, dtype=c.np_f))
     zp = _proto_const(helper.make_tensor(f"{x}_fp8_zp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
     q8 = _node("QuantizeLinear", f"{x}_fp8_q", [x_q, sc, zp], f"{x}_fp8")
     inp.x_in = _node("DequantizeLinear", f"{x}_fp8_dq", [q8, sc], f"{x}_fp8_dq")
@@ -221,7 +224,7 @@ def _group_input(c: _Ctx, first, st: ActStats | None, ws: list[np.ndarray]) -> t
     inp.x_lr = inp.x_in
     if c.q.low_rank:
         inp.H = st.hessian if inp.s is None else st.hessian / np.outer(inp.s, inp.s)
-        inp.eig = qa.hessian_eig(inp.H)
+        inp.eig = hessian_eig(inp.H)
     if c.q.outlier_channels:
         _split_outliers(c, first, inp)
     if c.q.algo == "fp8":
@@ -236,42 +239,42 @@ def _round(c: _Ctx, n, w: np.ndarray, grid: qa.Grid, inp: _Input, base: str, ter
     Outlier rows are exact zeros in the stored values and go to a float MatMul term."""
     if inp.outliers is None:
         qv, sc, lo = quantize_weight(w, c.q.algo, grid, inp.st, inp.s)
-        return qv, sc, lo, qa.dequantize(qv, grid, sc, lo)
+        return qv, sc, lo, dequantize(qv, grid, sc, lo)
     qk, sc, lo = quantize_weight(w[inp.keep], c.q.algo, grid, inp.st, inp.s)
     qv = np.zeros_like(w)
     qv[inp.keep] = qk
     t = _node("MatMul", f"{base}_outlier_mm",
-              [inp.x_outliers, _const(base + "_outlier_rows", w[inp.outliers].astype(c.np_f))], f"{base}_outl")
+              [inp.x_outliers, _const(c, base + "_outlier_rows", w[inp.outliers].astype(c.np_f))], f"{base}_outl")
     c.edits.after(n, t)
     terms.append(t)
     eff = w.copy()
-    eff[inp.keep] = qa.dequantize(qk, grid, sc, lo)
+    eff[inp.keep] = dequantize(qk, grid, sc, lo)
     return qv, sc, lo, eff
 
 
 def _low_rank_term(c: _Ctx, n, err: np.ndarray, inp: _Input, base: str) -> gs.Variable:
     """(x_lr @ A) @ B ~ x_lr @ err, A [K, r] and B [r, N] stored as int8 with a scale per column."""
-    fac = [int8_columns(f) for f in qa.low_rank(err, inp.eig, c.q.low_rank)]
+    fac = [int8_columns(f) for f in low_rank(err, inp.eig, c.q.low_rank)]
     (aq, asc), (bq, bsc) = fac
     c.log.low_rank.append(error_ratio(err, (aq * asc) @ (bq * bsc), inp.H))
     t = inp.x_lr
     for which, (fq, fs), out in (("a", fac[0], f"{base}_lr_a"), ("b", fac[1], f"{base}_lr")):
         qname = f"{base}_lowrank_{which}"
-        f = _node("DequantizeLinear", f"{qname}_dq", [_const(qname, fq), _const(f"{qname}_s", fs.astype(c.np_f))],
+        f = _node("DequantizeLinear", f"{qname}_dq", [_const(c, qname, fq), _const(c, f"{qname}_s", fs.astype(c.np_f))],
                   f"{qname}_w", axis=1)
         t = _node("MatMul", f"{qname}_mm", [t, f], out)
         c.edits.after(n, f, t)
     return t
 
 
-def _stored(qv: np.ndarray, grid: qa.Grid, name: str) -> gs.Constant:
+def _stored(c: "_Ctx", qv: np.ndarray, grid: qa.Grid, name: str) -> gs.Constant:
     import ml_dtypes
 
     if grid.kind == "fp8":
-        return _const(name, qv.astype(ml_dtypes.float8_e4m3fn))
+        return _const(c, name, qv.astype(ml_dtypes.float8_e4m3fn))
     if grid.group == 0:
-        return _const(name, qv.astype(np.int8))
-    return _const(name, (qv - 8).astype(ml_dtypes.int4))       # u - 8: -8..7
+        return _const(c, name, qv.astype(np.int8))
+    return _const(c, name, (qv - 8).astype(ml_dtypes.int4))       # u - 8: -8..7
 
 
 def _int4_offset_term(c: _Ctx, n, first, inp: _Input, grid: qa.Grid, off: np.ndarray, base: str) -> gs.Variable:
@@ -280,10 +283,10 @@ def _int4_offset_term(c: _Ctx, n, first, inp: _Input, grid: qa.Grid, off: np.nda
     if inp.group_sum is None:
         ind = np.kron(np.eye(off.shape[0], dtype=c.np_f), np.ones((grid.group, 1), dtype=c.np_f))
         x_in = inp.x_in.name
-        inp.group_sum = _node("MatMul", f"{x_in}_groupsum", [inp.x_in, _const(f"{x_in}_group_ind", ind)],
+        inp.group_sum = _node("MatMul", f"{x_in}_groupsum", [inp.x_in, _const(c, f"{x_in}_group_ind", ind)],
                               f"{x_in}_groupsum")
         c.edits.before(first, inp.group_sum)
-    t = _node("MatMul", f"{base}_offset_mm", [inp.group_sum, _const(base + "_offset", off.astype(c.np_f))],
+    t = _node("MatMul", f"{base}_offset_mm", [inp.group_sum, _const(c, base + "_offset", off.astype(c.np_f))],
               f"{base}_off")
     c.edits.after(n, t)
     return t
@@ -297,7 +300,7 @@ def _grid_weight(c: _Ctx, n, first, w: np.ndarray, grid: qa.Grid, inp: _Input, t
         terms.append(_low_rank_term(c, n, w - eff, inp, base))
     scales = (sc if grid.group else sc.reshape(-1)).astype(c.np_f)      # [K/G, N] per block, else [N]
     blocks = {"axis": 0, "block_size": grid.group} if grid.group else {"axis": 1}
-    w_q = _node("DequantizeLinear", base + "_dq", [_stored(qv, grid, base + "_q"), _const(base + "_s", scales)],
+    w_q = _node("DequantizeLinear", base + "_dq", [_stored(c, qv, grid, base + "_q"), _const(c, base + "_s", scales)],
                 base + "_w", **blocks)
     if lo is not None:
         # w = s*u + lo = s*(u-8) + (lo + 8s):  x @ w = x @ DQ(u-8) + (x @ E) @ (lo + 8s)
@@ -311,8 +314,8 @@ def _nvfp4_weight(c: _Ctx, n, w: np.ndarray) -> gs.Variable:
     base = f"{n.inputs[1].name}_{c.q.algo}"
     qv, s8, g = quant_nvfp4(w)
     scales = _node("DequantizeLinear", base + "_sdq",
-                   [_const(base + "_s8", s8), _const(base + "_gs", np.array(g, dtype=c.np_f))], base + "_s")
-    w_q = _node("DequantizeLinear", base + "_dq", [_const(base + "_q", qv), scales], base + "_w",
+                   [_const(c, base + "_s8", s8), _const(c, base + "_gs", np.array(g, dtype=c.np_f))], base + "_s")
+    w_q = _node("DequantizeLinear", base + "_dq", [_const(c, base + "_q", qv), scales], base + "_w",
                 axis=0, block_size=NVFP4_BLOCK)
     c.edits.before(n, scales, w_q)
     return w_q
@@ -358,7 +361,7 @@ def _kv_quantizer(c: _Ctx, scatter, st: ActStats) -> None:
     sv = max(st.amax, 1e-8) / qmax
     c.log.kv_scales[cache] = sv
     base = f"{cache}_kv{kv}"
-    sc = _const(base + "_s", np.array(sv, dtype=c.np_f))
+    sc = _const(c, base + "_s", np.array(sv, dtype=c.np_f))
     zp = _proto_const(helper.make_tensor(base + "_zp", qtype, [], [0]))
     q8 = _node("QuantizeLinear", base + "_q", [scatter.inputs[1], sc, zp], base + "_q")
     dq = _node("DequantizeLinear", base + "_dq", [q8, sc], base + "_dq")
@@ -368,30 +371,40 @@ def _kv_quantizer(c: _Ctx, scatter, st: ActStats) -> None:
 
 # --- the whole graph ----------------------------------------------------------------------------
 
-def rewrite(graph, targets: Targets, q: QuantConfig, stats: dict[str, ActStats], weights_dir: Path) -> QuantLog:
-    """Quantize `graph` (its external weights in weights_dir) in place; what it measured."""
-    np_f = _model_dtype(targets)
-    c = _Ctx(q, _Edits(), weights_dir, np_f, QuantLog(linears=len(targets.matmuls), storage_dtype=np_f.name))
-    if q.algo != "none":
-        grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
-        for x, nodes in targets.groups.items():
-            _rewrite_group(c, nodes, stats.get(x), grid)
-    if q.kv_cache_dtype != "auto":
-        for n in targets.scatters:
-            _kv_quantizer(c, n, stats[n.inputs[1].name])
-    c.edits.apply(graph)
-    return c.log
+class Rewriter:
+    """Quantizes `graph` in place a few groups at a time (a decoder layer's, as their statistics
+    come in), each new constant written to `writer` as it is made; `finish` places the new nodes
+    and writes the graph."""
 
+    def __init__(self, graph, targets: Targets, q: QuantConfig, weights_dir: Path, writer) -> None:
+        np_f = _model_dtype(targets)
+        self.graph, self.targets = graph, targets
+        self.c = _Ctx(q, _Edits(), weights_dir, np_f, QuantLog(linears=len(targets.matmuls),
+                                                               storage_dtype=np_f.name), writer)
+        self.grid = grid_of(q.algo, q.group_size) if q.algo in RECIPES else None
+        self.scatters = {n.inputs[1].name: n for n in targets.scatters}
+        self.done: set[str] = set()
 
-def save(graph, weights_dir: Path, out: Path) -> onnx.ModelProto:
-    """Write `graph` to `out` + its data file; returns the model proto without weights. `out` may
-    be the graph the weights are read from: every weight is loaded before anything is written."""
-    from onnx.external_data_helper import load_external_data_for_model
+    def quantize(self, names, stats: dict[str, ActStats]) -> int:
+        """Quantize the linear groups reading the activations `names` and the KV writes of the
+        K/V tensors among them (`stats` of each, where calibrated); returns the MatMuls done."""
+        c, done = self.c, 0
+        for x in names:
+            if c.q.algo != "none" and x in self.targets.groups and x not in self.done:
+                self.done.add(x)
+                _rewrite_group(c, self.targets.groups[x], stats.get(x), self.grid)
+                done += len(self.targets.groups[x])
+            if c.q.kv_cache_dtype != "auto" and x in self.scatters:
+                _kv_quantizer(c, self.scatters[x], stats[x])
+        return done
 
-    model = gs.export_onnx(graph)
-    load_external_data_for_model(model, str(weights_dir))    # the weights left as they were
-    data = out.parent / art.onnx_data(out.name)
-    data.unlink(missing_ok=True)    # onnx appends to an existing data file
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    return onnx.load(str(out), load_external_data=False)
+    def finish(self, out: Path) -> tuple[onnx.ModelProto, QuantLog]:
+        """Place the new nodes, write `out` + its data file (quant_store.py); the model proto
+        without weights and what the rewrite measured. Groups no calibration observed (int4_rtn
+        with a calibrated KV cache) are quantized here."""
+        self.quantize(list(self.targets.groups), {})
+        self.c.edits.apply(self.graph)
+        model = gs.export_onnx(self.graph)
+        del self.graph
+        self.c.writer.finish(model, self.c.weights_dir)
+        return model, self.c.log

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from factories import TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ
 from trtc import artifact as art
 from trtc.flavour import FLAVOURS
-from trtc.compiler import quant_algos as qa
+from trtc.compiler import quant_algos as qat
 from trtc.compiler.quantize import (QuantConfig, check_targets, default_targets, grid_of, make_quant_config,
                                     qdq, quant_nvfp4, resolve_for_model)
 from trtc.errors import TrtcError
@@ -109,7 +110,44 @@ def test_group_size_against_model():
         resolve_for_model(make_quant_config("int4_awq", low_rank=64), tiny)
 
 
-# --- numpy quantizers --------------------------------------------------------------------------
+# --- quantizers (torch, called with numpy arrays here) ------------------------------------------
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(qat.device()) if isinstance(a, np.ndarray) else a
+
+
+def _np(out):
+    if isinstance(out, tuple):
+        return tuple(_np(o) for o in out)
+    return qat.numpy(out) if isinstance(out, torch.Tensor) else out
+
+
+class qa:
+    """quant_algos with numpy in and out (the torch tensors keep the arrays' dtypes)."""
+    @staticmethod
+    def rtn(w, grid, clip=1.0):
+        return _np(qat.rtn(_t(w), grid, _t(clip)))
+
+    @staticmethod
+    def dequantize(q, grid, s, lo):
+        return _np(qat.dequantize(_t(q), grid, _t(s), _t(lo)))
+
+    @staticmethod
+    def gptq(w, H, grid, **kw):
+        return _np(qat.gptq(_t(w), _t(H), grid, **kw))
+
+    @staticmethod
+    def low_rank(e, H, r, **kw):
+        return _np(qat.low_rank(_t(e), _t(H), r, **kw))
+
+    @staticmethod
+    def clip_search(w, x, grid):
+        return _np(qat.clip_search(_t(w), _t(x), grid))
+
+    @staticmethod
+    def awq_scales(x, mean_abs, ws, qdq):
+        return _np(qat.awq_scales(_t(x), _t(mean_abs), [_t(w) for w in ws], qdq))
+
 
 def test_grids_round_trip():
     rng = np.random.default_rng(0)

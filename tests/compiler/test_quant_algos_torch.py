@@ -1,0 +1,106 @@
+"""The torch quantization algorithms (compiler/quant_algos.py) give the numpy versions' results
+(quant_algos_numpy.py, the code before the port) on random matrices: the same grids, the same
+rounded values, the same searched ratios and alphas; float64 steps agree to float64 precision."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trtc.compiler import quant_algos as qa
+from trtc.compiler.quant_recipes import grid_of
+
+_spec = importlib.util.spec_from_file_location("quant_algos_numpy", Path(__file__).with_name("quant_algos_numpy.py"))
+ref = importlib.util.module_from_spec(_spec)
+sys.modules["quant_algos_numpy"] = ref            # dataclasses look their module up there
+_spec.loader.exec_module(ref)
+
+CPU = torch.device("cpu")
+GRIDS = {"int8": grid_of("int8_wo", 0), "int4": grid_of("int4_awq", 32), "fp8": grid_of("fp8", 0)}
+
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(CPU)
+
+
+def _ref_grid(g: qa.Grid):
+    return ref.Grid(g.kind, g.qmin, g.qmax, g.group)
+
+
+def _data(seed: int, k: int = 128, n: int = 48, rows: int = 512):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, 8)) @ rng.standard_normal((8, k)) + 0.1 * rng.standard_normal((rows, k)))
+    x[:, :4] *= 20.0                              # salient channels, as in real LLMs
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[3, 5] = 9.0                                 # an outlier weight: clipping has work to do
+    return x.astype(np.float32), w
+
+
+@pytest.mark.parametrize("kind", GRIDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rtn_and_clip_search_equal_numpy(kind, seed):
+    x, w = _data(seed)
+    g = GRIDS[kind]
+    q, s, lo = qa.rtn(_t(w), g)
+    rq, rs, rlo = ref.rtn(w, _ref_grid(g))
+    np.testing.assert_array_equal(q.numpy(), rq)
+    np.testing.assert_array_equal(s.numpy(), rs)
+    np.testing.assert_array_equal(qa.dequantize(q, g, s, lo).numpy(), ref.dequantize(rq, _ref_grid(g), rs, rlo))
+    if g.group:
+        clip = qa.clip_search(_t(w), _t(x), g)
+        rclip = ref.clip_search(w, x, _ref_grid(g))
+        np.testing.assert_array_equal(clip.numpy(), rclip)
+        assert (clip < 1).any()                  # the comparison covers real clipping
+        np.testing.assert_array_equal(qa.rtn(_t(w), g, clip)[0].numpy(), ref.rtn(w, _ref_grid(g), rclip)[0])
+
+
+@pytest.mark.parametrize("kind", GRIDS)
+def test_gptq_equals_numpy(kind):
+    """Same rounded values up to float64 ties: at most 0.2% of the entries differ, by one step."""
+    x, w = _data(2)
+    H = x.T @ x / len(x)
+    g = GRIDS[kind]
+    q, s, lo = qa.gptq(_t(w), _t(H), g)
+    rq, rs, rlo = ref.gptq(w, H, _ref_grid(g))
+    np.testing.assert_array_equal(s.numpy(), rs)
+    diff = q.numpy() != rq
+    assert diff.mean() <= 0.002, diff.mean()
+    wq, rwq = qa.dequantize(q, g, s, lo).numpy(), ref.dequantize(rq, _ref_grid(g), rs, rlo)
+    assert np.linalg.norm(x @ (wq - rwq)) <= 0.01 * np.linalg.norm(x @ (rwq - w))
+
+
+def test_awq_scales_equal_numpy():
+    x, w = _data(3)
+    ws = [w, np.roll(w, 1, axis=1)]
+    g = GRIDS["int4"]
+
+    def qdq(t):
+        q, s, lo = qa.rtn(t, g)
+        return qa.dequantize(q, g, s, lo)
+
+    def rqdq(a):
+        q, s, lo = ref.rtn(a, _ref_grid(g))
+        return ref.dequantize(q, _ref_grid(g), s, lo)
+
+    mean_abs = np.abs(x).mean(0)
+    s, alpha, ratio = qa.awq_scales(_t(x), _t(mean_abs), [_t(a) for a in ws], qdq)
+    rs, ralpha, rratio = ref.awq_scales(x, mean_abs, ws, rqdq)
+    assert alpha == ralpha and alpha > 0
+    np.testing.assert_allclose(s.numpy(), rs, rtol=1e-6)
+    assert abs(ratio - rratio) <= 1e-6 * rratio
+
+
+def test_low_rank_equals_numpy():
+    """The factors may differ in sign (eigen/singular vectors); their product may not."""
+    x, w = _data(4)
+    H = x.T @ x / len(x)
+    q, s, lo = ref.gptq(w, H, _ref_grid(GRIDS["int4"]))
+    e = w - ref.dequantize(q, _ref_grid(GRIDS["int4"]), s, lo)
+    a, b = qa.low_rank(_t(e), _t(H), 16)
+    ra, rb = ref.low_rank(e, H, 16)
+    np.testing.assert_allclose((a @ b).numpy(), ra @ rb, atol=1e-5 * np.abs(ra @ rb).max())
