@@ -103,7 +103,7 @@ class EngineCache:
             return False
         with package.atomic_dir(output, art.ENGINE_CONFIG) as tmp:
             for n in [art.ENGINE_CONFIG, *cfg.files]:
-                shutil.copyfile(entry / n, tmp / n)
+                shutil.copyfile(entry / n, tmp / n)     # the user's files: never linked to the cache
             if finish is not None:
                 finish(tmp)
         (entry / _USED).touch()
@@ -111,8 +111,10 @@ class EngineCache:
         return True
 
     def store(self, key: str, built: Path) -> None:
-        """Add a finished engine dir under `key` (atomically), then evict down to the size limit."""
-        self._store(self.entries, key, built)
+        """Add a finished engine dir under `key` (atomically), then evict down to the size limit.
+        Copied: the dir becomes the user's output, and a tool that rewrites a file in place (`cp`
+        onto it) must not reach into the cache."""
+        self._store(self.entries, key, built, link=False)
 
     def fetch_export(self, key: str, dest: Path) -> bool:
         """Copy (hard-link where possible) export entry `key` into the new dir `dest` if it is intact."""
@@ -128,24 +130,22 @@ class EngineCache:
             return False
         dest.mkdir(parents=True)
         for n in [art.EXPORT_CONFIG, *cfg.files]:
-            try:
-                os.link(entry / n, dest / n)
-            except OSError:
-                shutil.copyfile(entry / n, dest / n)
+            _link_or_copy(entry / n, dest / n)
         (entry / _USED).touch()
         info(f"[trtc] reusing the cached export {key} (no re-export)")
         return True
 
     def store_export(self, key: str, export_dir: Path) -> None:
-        self._store(self.exports, key, export_dir)
+        """Add the float export in trtc's own work dir: hard-linked, no copy (see _link_or_copy)."""
+        self._store(self.exports, key, export_dir, link=True)
 
-    def _store(self, where: Path, key: str, src: Path) -> None:
+    def _store(self, where: Path, key: str, src: Path, link: bool) -> None:
         where.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=where))
         try:
             for p in src.iterdir():
                 if p.is_file() and p.name != art.PROVENANCE:
-                    shutil.copyfile(p, tmp / p.name)
+                    (_link_or_copy if link else shutil.copyfile)(p, tmp / p.name)
             (tmp / _USED).touch()
             shutil.rmtree(where / key, ignore_errors=True)
             os.replace(tmp, where / key)
@@ -178,3 +178,14 @@ class EngineCache:
             total -= sizes[e]
             removed.append(e.name)
         return removed
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows (an 8B model's float export is 15 GB: a copy doubles
+    its disk use and takes minutes), else a copy. Only between the cache and trtc's own work dirs:
+    trtc never writes into a finished file (it writes new files and renames them), and a cached
+    export is checked against its sha256s before reuse."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
