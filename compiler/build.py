@@ -11,8 +11,10 @@ NOT run: full TensorRT cannot be installed on trtc's machines (docs/platform.md)
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -215,7 +217,8 @@ def build_engine(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Fl
 
     The graph's external weights reach TensorRT as pointers into read-only memory maps of its data
     files (MappedWeights): the builder's own copy is the only one in anonymous memory (plus the
-    concatenations of the MatMuls it fuses, docs/platform.md). The maps outlive the parser, network
+    concatenations of MatMuls it fuses, which build_engine_isolated joins on disk beforehand:
+    docs/platform.md). The maps outlive the parser, network
     and builder: _build_from_maps returns only after the engine is on disk and its TensorRT objects
     are gone."""
     with MappedWeights(onnx_path) as weights:
@@ -326,34 +329,17 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
     """build_engine in a child process without address-space randomization, with a fixed
     environment and working dir (build_worker.py says why). Returns the profiles and whether the
     build is reproducible (the flavour and the sandbox both allow it)."""
-    import json
-    import os
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     from trtc import typed_json
     from trtc.errors import TrtcInternalError
 
-    from .build_worker import disable_aslr_for_exec, worker_env
-
     _compile_trtc_once()
     with tempfile.TemporaryDirectory(prefix="trtc-build-") as cwd:
         # The same relative names on every build: path lengths shape the builder's allocations.
-        os.symlink(onnx_path.resolve(), Path(cwd) / onnx_path.name)
-        _link_data_files(onnx_path, Path(cwd))
-        req = {"onnx": onnx_path.name, "spec": typed_json.to_json(spec), "build": typed_json.to_json(cfg),
-               "flavour": flavour.name, "engine": "engine.plan", "kv_block_size": kv_block_size,
-               "label": engine_path.name}
-        proc = subprocess.run([sys.executable, "-m", "trtc.compiler.build_worker"], input=json.dumps(req),
-                              stdout=subprocess.PIPE, text=True, cwd=cwd, env=worker_env(),
-                              preexec_fn=disable_aslr_for_exec)
-        lines = proc.stdout.strip().splitlines()
-        try:
-            answer = json.loads(lines[-1]) if lines else {}
-        except json.JSONDecodeError:
-            answer = {}
+        with _worker_graph(onnx_path, Path(cwd), engine_path):
+            proc, answer = _run_worker(onnx_path, spec, cfg, flavour, engine_path, kv_block_size, Path(cwd))
         if "error" in answer:
             raise TrtcError(answer["error"])
         if proc.returncode != 0 or "profiles" not in answer:
@@ -366,6 +352,65 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
         shutil.move(str(Path(cwd) / "engine.plan"), str(engine_path))
     profiles = [typed_json.from_json(Profile, p, "build worker") for p in answer["profiles"]]
     return profiles, bool(flavour.reproducible and answer.get("aslr_off"))
+
+
+def _run_worker(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, flavour: Flavour, engine_path: Path,
+                kv_block_size: int | None, cwd: Path) -> tuple[Any, dict]:
+    """Run build_worker in cwd; its exit status and its answer (the last stdout line; {} if none)."""
+    import json
+    import subprocess
+    import sys
+
+    from trtc import typed_json
+
+    from .build_worker import disable_aslr_for_exec, worker_env
+
+    req = {"onnx": onnx_path.name, "spec": typed_json.to_json(spec), "build": typed_json.to_json(cfg),
+           "flavour": flavour.name, "engine": "engine.plan", "kv_block_size": kv_block_size,
+           "label": engine_path.name}
+    proc = subprocess.run([sys.executable, "-m", "trtc.compiler.build_worker"], input=json.dumps(req),
+                          stdout=subprocess.PIPE, text=True, cwd=cwd, env=worker_env(),
+                          preexec_fn=disable_aslr_for_exec)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        answer = {}
+    return proc, answer
+
+
+@contextlib.contextmanager
+def _worker_graph(onnx_path: Path, cwd: Path, engine_path: Path) -> Iterator[None]:
+    """Put the graph the worker parses in cwd under onnx_path.name, its data files linked under
+    their relative names. MatMuls sharing an input get their weights joined first
+    (compiler/fuse_linears.py: else TensorRT-RTX joins them in memory, a second copy of ~65% of an
+    8B model): the joined graph is written to cwd, the joined weights to a scratch dir next to the
+    output (or under $TRTC_WORK_DIR; the system temp dir may be memory-backed), checked for free
+    space first and removed when the worker is done, on failure and on SIGTERM/Ctrl-C too (they
+    unwind through here). onnx_path and its data files are never written."""
+    import shutil
+
+    from trtc.log import info
+
+    from . import fuse_linears, package
+
+    _link_data_files(onnx_path, cwd)
+    fused = fuse_linears.plan(onnx_path)
+    if not fused.groups:
+        os.symlink(onnx_path.resolve(), cwd / onnx_path.name)
+        yield
+        return
+    # engine_path lies in the output's temp dir: work_dir puts scratch beside that dir.
+    scratch = package.work_dir(engine_path.parent, need_bytes=fused.nbytes)
+    try:
+        data = scratch / f"{onnx_path.name}.joined.data"
+        fused.write(cwd / onnx_path.name, data)
+        os.symlink(data, cwd / data.name)
+        info(f"[trtc]   {engine_path.name}: {fused.matmuls} MatMuls joined into {len(fused.groups)} "
+             f"({fused.nbytes / 2**30:.2f} GiB of joined weights in {scratch})")
+        yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _link_data_files(onnx_path: Path, cwd: Path) -> None:
