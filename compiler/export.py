@@ -167,8 +167,12 @@ def _template_model(loaded: LoadedModel, hf_cfg, dtype: str, T: int):
     from .load import attn_implementation
     from .stack import fill_distinct, template_config
 
-    model = AutoModelForCausalLM.from_config(template_config(hf_cfg, T), dtype=getattr(torch, dtype),
-                                             attn_implementation=attn_implementation(loaded.spec))
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():         # filled below; HF's own init of an 8B embedding costs seconds
+        model = AutoModelForCausalLM.from_config(template_config(hf_cfg, T), dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation(loaded.spec))
+    model.tie_weights()             # tied embeddings: one parameter, as in the checkpoint
     fill_distinct(model)
     return model.eval()
 
