@@ -18,6 +18,7 @@ I/O of the exported graph (before passes), L layers, Hkv KV heads, D head dim:
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_
     tspec = dataclasses.replace(spec, num_layers=T, layer_types=spec.layer_types[:T])
     loaded.adapter.prepare_trace(model, tspec)
     info(f"[trtc]   tracing a {T}-layer template, stacked to {L} layers")
+    t0 = time.perf_counter()
     tdir = out_dir / "template"
     tpath = _export(model, tspec, cfg, tdir, marks=list(model.get_submodule(layers_path)))
+    info(f"[trtc]   template traced in {time.perf_counter() - t0:.1f} s")
     index = stack.param_index(model)
     aliases = _checkpoint_aliases(model, ckpt)
     del model
@@ -139,8 +142,11 @@ def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_
         m = pattern.match(name)
         return int(m.group(1)) if m else None
 
+    t0 = time.perf_counter()
     stack.write_weights(model_proto, list(stacker.weights.values()), ckpt, cfg.dtype,
                         out_dir / (path.name + ".data"), layer_of, L)
+    size = (out_dir / (path.name + ".data")).stat().st_size
+    info(f"[trtc]   weights: {size / 2**30:.2f} GiB written in {time.perf_counter() - t0:.1f} s")
     onnx.save_model(model_proto, str(path))
     shutil.rmtree(tdir, ignore_errors=True)
     return path, T

@@ -484,11 +484,11 @@ def write_weights(model, weights: list[WeightRef], ckpt: dict[str, Path], dtype:
             if tuple(x.shape) != w.dims:
                 raise StackUnsupported(f"{w.param} has shape {tuple(x.shape)} after {w.transform}, the "
                                        f"template's has {w.dims}")
-            raw = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy().tobytes()
+            raw = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy().reshape(-1).view("u1")
             pad = -offset % 64
             f.write(b"\0" * pad)
             offset += pad
-            f.write(raw)
+            f.write(memoryview(raw))        # the tensor's own buffer: no bytes copy
             t = onnx.TensorProto(name=w.name, data_type=w.data_type, dims=list(w.dims),
                                  data_location=onnx.TensorProto.EXTERNAL)
             for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
