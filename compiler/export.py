@@ -18,6 +18,7 @@ I/O of the exported graph (before passes), L layers, Hkv KV heads, D head dim:
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,31 +54,96 @@ def _wrapper(model, num_layers: int, marks: list | None = None):
     import torch
     from transformers.cache_utils import DynamicCache
 
+    captured: list = []          # not a module attribute: torch.export would warn about tensors assigned to one
+    for layer in marks or ():
+        layer.register_forward_hook(lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+
     class CausalLMWithCache(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
-            self.captured: list = []
-            for layer in marks or ():
-                layer.register_forward_hook(lambda mod, args, out: self.captured.append(
-                    out[0] if isinstance(out, tuple) else out))
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            self.captured = []
+            captured.clear()
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)])
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
             res = [out.logits]
             for layer in out.past_key_values.layers:
                 res += [layer.keys, layer.values]
-            return tuple(res + self.captured)
+            return tuple(res + captured)
 
     return CausalLMWithCache(model).eval()
 
 
 def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
-    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data): by stacking a traced template
-    of a few layers (compiler/stack.py), or, where stacking does not apply, by tracing every layer."""
+    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data), in a child process
+    (compiler/export_worker.py): torch, the exporter and the template keep memory past the export
+    (0.45 GiB for TinyLlama, several GiB for an 8B model) that would otherwise sit beside the
+    TensorRT builder; a child gives it all back when it ends."""
+    import pickle
+    import subprocess
+    import sys
+
+    from trtc import log
+    from trtc.errors import TrtcError
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    req, res = out_dir / ".trace-request.pkl", out_dir / ".trace-result.pkl"
+    req.write_bytes(pickle.dumps((loaded.hf_dir, loaded.spec, loaded.adapter.name, loaded.source,
+                                  loaded.weights_sha256, loaded.files_sha256, cfg, out_dir, log.state())))
+    proc = subprocess.Popen([sys.executable, "-m", "trtc.compiler.export_worker", str(req), str(res)])
+    try:
+        code = proc.wait()
+    except BaseException:           # Ctrl-C / SIGTERM: stop the child before the work dir goes
+        proc.terminate()
+        proc.wait()
+        raise
+    finally:
+        req.unlink(missing_ok=True)
+    answer = pickle.loads(res.read_bytes()) if res.is_file() else None
+    res.unlink(missing_ok=True)
+    if answer is None:
+        raise TrtcError(f"export: the tracing process ended without a result (exit {code}"
+                        f"{': killed, out of memory?' if code in (-9, 137) else ''}); free memory, or see "
+                        f"the error above")
+    kind, value = answer
+    if kind == "ok":
+        return value
+    if kind == "user":
+        raise TrtcError(value)
+    raise TrtcInternalError(f"export failed in the tracing process: {value} (traceback above)")
+
+
+def trace_request(req: Path, res: Path) -> None:
+    """The child's side of trace(): read the request, export, write (kind, value) to `res`."""
+    import pickle
+    import traceback
+
+    from trtc import log
+    from trtc.errors import TrtcError
+
+    from .families import adapter_named
+
+    hf_dir, spec, adapter, source, weights_sha, files_sha, cfg, out_dir, log_state = pickle.loads(req.read_bytes())
+    log.restore(log_state)
+    loaded = LoadedModel(hf_dir=hf_dir, spec=spec, adapter=adapter_named(adapter), source=source,
+                         weights_sha256=weights_sha, files_sha256=files_sha)
+    try:
+        answer: tuple = ("ok", trace_here(loaded, cfg, out_dir))
+    except TrtcError as e:
+        answer = ("user", str(e))
+    except Exception as e:     # a bug: its traceback goes to stderr, the parent names it
+        traceback.print_exc()
+        answer = ("bug", f"{type(e).__name__}: {e}")
+    tmp = res.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(answer))
+    tmp.rename(res)
+
+
+def trace_here(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
+    """The export in this process: by stacking a traced template of a few layers (compiler/stack.py),
+    or, where stacking does not apply, by tracing every layer."""
     from trtc.log import info
 
     from .stack import StackUnsupported
@@ -94,6 +160,7 @@ def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
         for f in out_dir.iterdir():
             if f.is_file():
                 f.unlink()
+        shutil.rmtree(out_dir / "template", ignore_errors=True)
         path = _trace_full(loaded, spec, cfg, out_dir)
     return TracedGraph(onnx_path=path, spec=spec, config=cfg, template_layers=template)
 

@@ -101,6 +101,11 @@ def register(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
+def adapter_named(name: str) -> FamilyAdapter:
+    """The registered adapter called `name` (a child process gets adapters by name: they hold functions)."""
+    return _REGISTRY[name]
+
+
 def supported_architectures() -> list[str]:
     return sorted(a for ad in _REGISTRY.values() for a in ad.architectures)
 

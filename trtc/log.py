@@ -72,6 +72,18 @@ def quiet_third_party(verbose: bool = False) -> None:
 _verbose = True      # until the CLI says otherwise (quiet_third_party): library users keep their output
 
 
+def state() -> tuple[bool, bool]:
+    """What a child process needs to print (and silence) as this one does: (quiet, verbose)."""
+    return _quiet, _verbose
+
+
+def restore(st: tuple[bool, bool]) -> None:
+    """In a child process started with `spawn`: this process's output settings, from state()."""
+    set_quiet(st[0])
+    if not st[1]:
+        quiet_third_party(False)
+
+
 @contextlib.contextmanager
 def third_party_output():
     """Around a library call that writes its own progress to stderr (tqdm imported before the
