@@ -292,6 +292,13 @@ class WeightRef:
     dims: tuple[int, ...]
     data_type: int    # onnx TensorProto data type (the export dtype, or float32 for folded norms)
 
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n * (4 if self.data_type == 1 else 2)
+
 
 class Stacker:
     """The stacked graph's nodes, and the weights they read (see the module doc)."""
@@ -471,6 +478,7 @@ def write_weights(model, weights: list[WeightRef], ckpt: dict[str, Path], dtype:
     missing = sorted({w.param for w in weights} - set(ckpt))
     if missing:
         raise StackUnsupported(f"the checkpoint has no tensor {missing[0]}")
+    check_free_space(data_path.parent, sum(w.nbytes + 64 for w in weights))
     handles: dict[Path, Any] = {}
     target = getattr(torch, dtype)
     offset, done = 0, -1
@@ -521,3 +529,15 @@ def name_after_params(proto, bound: dict[str, tuple[str, str]]) -> None:
         for k, x in enumerate(n.input):
             if x in rename:
                 n.input[k] = rename[x]
+
+
+def check_free_space(d: Path, need: int) -> None:
+    """Before writing `need` bytes of weights into `d`: a user error naming both sizes if they do not fit."""
+    import shutil
+
+    from trtc.errors import TrtcError
+
+    free = shutil.disk_usage(d).free
+    if free < need:
+        raise TrtcError(f"export: the weights need {need / 2**30:.2f} GiB in {d} and {free / 2**30:.2f} GiB is "
+                        f"free; free space there, or set TRTC_WORK_DIR (or --output) to a larger disk")

@@ -135,3 +135,21 @@ def test_falls_back_to_a_whole_trace_without_safetensors(tmp_path):
     _check_against_transformers(d, traced)
     names = {t.name for t in onnx.load(str(traced.onnx_path), load_external_data=False).graph.initializer}
     assert "model.layers.2.mlp.down_proj.weight" in names      # named after the parameter here too
+
+
+def test_weights_that_do_not_fit_are_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import onnx
+
+    from trtc.compiler import stack
+    from trtc.errors import TrtcError
+
+    w = stack.WeightRef("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight", "T", (4096, 14336), 10)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 0, 100 << 20))   # 100 MiB free
+    with pytest.raises(TrtcError, match=r"need 0\.11 GiB .* 0\.10 GiB is free"):
+        stack.write_weights(onnx.ModelProto(), [w], {w.param: tmp_path / "x.safetensors"}, "float16",
+                            tmp_path / "traced.onnx.data", lambda n: None, 1)
+    assert not (tmp_path / "traced.onnx.data").exists()
