@@ -13,7 +13,11 @@ Models: smollm2 (the bundled SmolLM2-135M, real weights), tinyllama-1.1b and lla
 (random weights of those shapes, written by make_models.py under --models-dir once).
 
     .venv/bin/python bench/bench_build.py [--models smollm2,tinyllama-1.1b,llama-3.1-8b]
-        [--quant none,int4_awq] [--dtype float16] [--models-dir DIR] [--results DIR] [--keep]
+        [--quant none,int4_awq] [--dtype float16] [--tp-size N] [--models-dir DIR] [--results DIR] [--keep]
+
+Each process of the tree also gets its own peaks (the `trtc build` process, the export child
+`trtc.compiler.export_worker`, each rank's builder child `trtc.compiler.build_worker`), so a
+`--tp-size 2` run shows the per-rank builder peak next to the tree's.
 
 Prints a markdown table; writes it with the machine, date, command and load average, plus JSON
 and each build's stderr, under --results (default bench/results-build/).
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from make_models import MODELS, TINYLLAMA, default_root, model_dir, write_model  # noqa: F401 (TINYLLAMA: bench_tp)
-from peakmem import tree_memory
+from peakmem import tree_processes
 
 BENCH = Path(__file__).resolve().parent
 BUNDLED = {"smollm2": "smollm2-135m-instruct"}
@@ -82,6 +86,7 @@ class StageTracker:
 
     stages: dict[str, Stage] = field(default_factory=lambda: {OUTSIDE: Stage(OUTSIDE)})
     total: Stage = field(default_factory=lambda: Stage("total"))
+    procs: dict[int, dict] = field(default_factory=dict)   # pid -> {what, peak_anon_kib, peak_rss_kib, stage}
     current: str = OUTSIDE
     since: float = field(default_factory=time.perf_counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,15 +113,37 @@ class StageTracker:
                 self.stages[self.current].trtc_s = float(m.group(2))
                 self._switch(OUTSIDE)
 
-    def sample(self, anon: int, rss: int, disk: int, free: int) -> None:
+    def sample(self, procs: list[tuple[int, int, int]], disk: int, free: int) -> None:
+        """One sample: (pid, RssAnon KiB, VmRSS KiB) of each process of the tree; the tree's sums
+        go to the stage, each process's own peak (and the stage it was reached in) to `procs`."""
+        anon, rss = sum(a for _, a, _ in procs), sum(r for _, _, r in procs)
         with self.lock:
             self.stages[self.current].add(anon, rss, disk, free)
             self.total.add(anon, rss, disk, free)
+            for pid, a, r in procs:
+                p = self.procs.setdefault(pid, {"pid": pid, "what": "?", "peak_anon_kib": 0,
+                                                "peak_rss_kib": 0, "stage": self.current})
+                if a:                   # read each time: a fresh child shows its parent's argv until exec
+                    p["what"] = process_name(pid)
+                if a > p["peak_anon_kib"]:
+                    p["peak_anon_kib"], p["stage"] = a, self.current
+                p["peak_rss_kib"] = max(p["peak_rss_kib"], r)
 
     def finish(self, wall_s: float) -> None:
         with self.lock:
             self._switch(OUTSIDE)
             self.total.wall_s = wall_s
+
+
+def process_name(pid: int) -> str:
+    """What a process of the tree is: the module of `python -m M`, else the program's name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return Path(argv[0]).name
 
 
 def disk_bytes(paths: list[Path]) -> int:
@@ -144,8 +171,7 @@ def run_monitored(cmd: list[str], watch: list[Path], log: Path, env: dict) -> tu
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
     def take() -> None:
-        anon, rss = tree_memory(proc.pid)
-        tracker.sample(anon, rss, disk_bytes(watch), free_bytes(watch))
+        tracker.sample(tree_processes(proc.pid), disk_bytes(watch), free_bytes(watch))
 
     def read() -> None:
         with open(log, "w") as f:
@@ -171,30 +197,36 @@ def model_arg(name: str, models_dir: Path, source_dtype: str) -> str:
     return str(write_model(name, model_dir(name, models_dir, source_dtype), source_dtype))
 
 
-def build_cmd(model: str, quant: str, dtype: str, output: Path) -> list[str]:
+def build_cmd(model: str, quant: str, dtype: str, output: Path, tp: int = 1) -> list[str]:
+    tp_args = ["--tp-size", str(tp)] if tp != 1 else []
     return ["trtc", "build", "--model", model, "--dtype", dtype, "--quant", quant, "--output", str(output),
-            "--no-cache", *LIMITS]
+            "--no-cache", *tp_args, *LIMITS]
+
+
+def run_name(name: str, quant: str, args: argparse.Namespace) -> str:
+    return f"{name}-{quant}-{args.dtype}" + (f"-tp{args.tp_size}" if args.tp_size != 1 else "")
 
 
 def bench_one(name: str, quant: str, args: argparse.Namespace, logs: Path) -> dict:
     model = model_arg(name, args.models_dir, args.source_dtype)
-    run = args.models_dir / "runs" / f"{name}-{quant}-{args.dtype}"
+    run = args.models_dir / "runs" / run_name(name, quant, args)
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     out = run / "engine"
-    cmd = build_cmd(model, quant, args.dtype, out)
+    cmd = build_cmd(model, quant, args.dtype, out, args.tp_size)
     watch = [run] + ([Path(os.environ["TRTC_WORK_DIR"])] if os.environ.get("TRTC_WORK_DIR") else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     load_before = os.getloadavg()
     free_before = free_bytes(watch)
-    log = logs / f"{name}-{quant}-{args.dtype}.log"
+    log = logs / f"{run_name(name, quant, args)}.log"
     rc, tr = run_monitored([sys.executable, "-m", "trtc.cli", *cmd[1:]], watch, log, env)
     leftover = sorted(p.name for p in run.iterdir() if p.name != "engine")
-    row = {"model": name, "quant": quant, "dtype": args.dtype, "command": shlex.join(cmd), "rc": rc,
+    row = {"model": name, "quant": quant, "dtype": args.dtype, "tp": args.tp_size, "command": shlex.join(cmd), "rc": rc,
            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
            "free_before_bytes": free_before,
            "engine_bytes": disk_bytes([out]) if rc == 0 else None, "leftover_in_run_dir": leftover,
            "stages": [asdict(s) | {"key": k} for k, s in tr.stages.items()], "total": asdict(tr.total),
+           "processes": list(tr.procs.values()),
            "stderr_tail": log.read_text().splitlines()[-5:] if rc else []}
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)
@@ -222,6 +254,10 @@ def table(rows: list[dict]) -> str:
         if r["leftover_in_run_dir"]:
             result += f"; left behind: {', '.join(r['leftover_in_run_dir'])}"
         lines.append(f"| {r['model']} | {r['quant']} | result | {result} | | | | | |")
+        for p in r.get("processes", []):
+            if p["peak_anon_kib"] >= 64 * 1024:           # the trtc processes, not `tee`-sized helpers
+                lines.append(f"| {r['model']} | {r['quant']} | process {p['pid']} {p['what']} (peak in {p['stage']}) | | | "
+                             f"{gib(p['peak_anon_kib'], 1024)} | {gib(p['peak_rss_kib'], 1024)} | | |")
     return "\n".join(lines)
 
 
@@ -241,6 +277,7 @@ def header(args: argparse.Namespace, mach: dict, date: str) -> str:
             f"Machine: {mach['host']}, {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, "
             f"Python {mach['python']}, trtc {mach['trtc_commit']}\n"
             f"Each build: `trtc build --model M --dtype {args.dtype} --quant Q --output O --no-cache "
+            f"{f'--tp-size {args.tp_size} ' if args.tp_size != 1 else ''}"
             f"{' '.join(LIMITS)}`; memory summed over the process tree, sampled every 0.1 s.\n")
 
 
@@ -249,6 +286,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,tinyllama-1.1b,llama-3.1-8b")
     ap.add_argument("--quant", default="none,int4_awq")
     ap.add_argument("--dtype", default="float16", help="trtc build --dtype")
+    ap.add_argument("--tp-size", type=int, default=1, help="trtc build --tp-size")
     ap.add_argument("--source-dtype", default="float16", help="dtype of the generated random-weight models")
     ap.add_argument("--models-dir", type=Path, default=default_root(),
                     help="generated models and run dirs (default $TRTC_BENCH_DIR or ~/.cache/trtc-bench)")

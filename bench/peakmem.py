@@ -6,7 +6,7 @@
 Anonymous memory (RssAnon) is what a build really holds: pages of memory-mapped files are
 reclaimable and not counted there, every copy is. Sampled every 0.1 s from /proc (Linux), summed
 over the command and all its children (trtc's builder child included). The last stderr line is
-JSON. `tree_memory` is the one-sample function the build bench uses too.
+JSON. `tree_processes` / `tree_memory` are the one-sample functions the build bench uses too.
 """
 
 from __future__ import annotations
@@ -28,24 +28,41 @@ def status_kib(pid: int, name: str) -> int:
         return 0
 
 
+def children(pid: int) -> list[int]:
+    """The children of every thread of pid (/proc/PID/task/TID/children lists only the children
+    that thread started: a child spawned from a worker thread is under that thread's TID)."""
+    kids: list[int] = []
+    try:
+        tids = [t.name for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            kids += [int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
 def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (through /proc/PID/task/PID/children)."""
+    """pid and all its descendants."""
     out, todo = [pid], [pid]
     while todo:
-        p = todo.pop()
-        try:
-            kids = [int(k) for k in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            kids = []
+        kids = children(todo.pop())
         out += kids
         todo += kids
     return out
 
 
+def tree_processes(pid: int) -> list[tuple[int, int, int]]:
+    """(pid, RssAnon KiB, VmRSS KiB) of every process in pid's tree at this instant."""
+    return [(p, status_kib(p, "RssAnon"), status_kib(p, "VmRSS")) for p in process_tree(pid)]
+
+
 def tree_memory(pid: int) -> tuple[int, int]:
     """(RssAnon, VmRSS) in KiB, each summed over pid's process tree at this instant."""
-    pids = process_tree(pid)
-    return sum(status_kib(p, "RssAnon") for p in pids), sum(status_kib(p, "VmRSS") for p in pids)
+    procs = tree_processes(pid)
+    return sum(a for _, a, _ in procs), sum(r for _, _, r in procs)
 
 
 def main(argv: list[str]) -> None:
