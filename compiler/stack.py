@@ -413,6 +413,9 @@ def assemble(proto, parts: _Parts, plan: StackPlan, stacker: Stacker, data_dir: 
                 v = copy.deepcopy(vi[old])
                 v.name = new
                 value_info.append(v)
+    # The layer boundaries were graph outputs of the template (their types were there): keep the
+    # types as value_info, or passes that look at a tensor's type (rms_norm_dtypes) cannot.
+    value_info += io([(f"{MARK}{i}", f"{MARK}{src_layer[i]}") for i in range(L)])
     used = {x for n in nodes for x in n.input}
     kept = []
     for t in g.initializer:                     # constants that are no parameter: inline
