@@ -3,7 +3,8 @@
 Exports the model once (`trtc export`, float32 by default), then per mode runs
 `trtc build --model EXPORT_DIR --quant MODE --keep-onnx --target T` and
 `trtc eval ENGINE_DIR --json --backend onnxruntime` (reference: the source model in transformers
-fp32; text: the bundled eval text, disjoint from the calibration text). Each command runs as a
+fp32; texts: the bundled eval text, disjoint from the calibration text but of its kind (Python
+docs), and --offdomain, legal prose by default (bench/data/offdomain-gpl3.txt)). Each command runs as a
 subprocess, exactly as a user would run it; the JSON rows go to --out.
 
     python bench/bench_quant.py --out bench/results-quant/smollm2.json
@@ -78,8 +79,9 @@ def _short(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the JSON rows (accuracy vs the float model, size, build time)."""
-    out = ["| mode | target | top-1 agreement | perplexity | vs float model | engine MB | onnx data MB | quantize s | build s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| mode | target | top-1 agreement | perplexity | vs float model | off-domain top-1 | off-domain ppl vs float "
+           "| engine MB | onnx data MB | quantize s | build s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("mode") == "export":
             continue
@@ -89,11 +91,20 @@ def table(rows: list[dict]) -> str:
         cells = [r["mode"], r.get("target", ""),
                  f"{e['top1_agreement'] * 100:.2f}%" if e.get("top1_agreement") is not None else _short(r),
                  f"{ppl:.3f}" if ppl else "-", f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "-",
+                 *_offdomain(r.get("eval_offdomain") or {}),
                  f"{r['engine_bytes'] / 1e6:.0f}" if "engine_bytes" in r else "-",
                  f"{r['onnx_data_bytes'] / 1e6:.0f}" if "onnx_data_bytes" in r else "-",
                  f"{st.get('quantize', 0):.1f}", f"{st.get('build', 0):.1f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def _offdomain(e: dict) -> list[str]:
+    """Top-1 agreement and perplexity change on the off-domain text (columns; '-' if not measured)."""
+    if e.get("top1_agreement") is None:
+        return ["-", "-"]
+    ppl, ref = e.get("perplexity"), e.get("reference_perplexity")
+    return [f"{e['top1_agreement'] * 100:.2f}%", f"{(ppl / ref - 1) * 100:+.2f}%" if ppl and ref else "-"]
 
 
 def main() -> None:
@@ -106,6 +117,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--reuse", action="store_true", help="re-evaluate engine dirs already built and recorded")
     ap.add_argument("--out", type=Path, default=Path("bench/results-quant/smollm2.json"))
+    ap.add_argument("--offdomain", type=Path, default=Path(__file__).parent / "data" / "offdomain-gpl3.txt",
+                    help="second eval text, unlike the calibration text (default: GPL-3 sections 0-2, legal prose)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
     if args.table:
@@ -151,12 +164,13 @@ def main() -> None:
                 "onnx_data_bytes": (out / art.onnx_data(art.rank_onnx(0))).stat().st_size,
                 "quantization": {k: v for k, v in quant.items() if k not in ("excluded",)},
             })
-        res, dt = run([*TRTC, "eval", str(out), "--json", "--backend", "onnxruntime"], log)
-        if res.returncode:
-            row["eval_error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
-        else:
-            row["eval"] = json.loads(res.stdout.strip().splitlines()[-1])
-            row["eval_wall_s"] = round(dt, 1)
+        for key, text in (("eval", []), ("eval_offdomain", ["--text", str(args.offdomain)])):
+            res, dt = run([*TRTC, "eval", str(out), "--json", "--backend", "onnxruntime", *text], log)
+            if res.returncode:
+                row[key + "_error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+            else:
+                row[key] = json.loads(res.stdout.strip().splitlines()[-1])
+                row[key + "_wall_s"] = round(dt, 1)
         rows = [r for r in rows if r.get("mode") != mode] + [row]
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(row), flush=True)

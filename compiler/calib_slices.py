@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import helper
 
-from trtc import artifact as art
 from trtc.errors import TrtcInternalError
 
 _CACHE_LAYER = re.compile(r"^(?:past_key_values|past_kv_pool)\.(\d+)")
@@ -134,7 +133,3 @@ def slice_model(model: onnx.ModelProto, s: Slice, types: dict[str, int]) -> onnx
     m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     m.functions.extend(model.functions)
     return m
-
-
-def is_cache(name: str) -> bool:
-    return art.is_cache_input(name)

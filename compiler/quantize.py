@@ -82,8 +82,9 @@ def _quantize_layers(src: Path, out: Path, q: QuantConfig, graph, targets, write
         t0 = time.time()
         n = rw.quantize(list(stats), stats)
         if n or q.kv_cache_dtype != "auto":
-            info(f"[trtc]   {_unit_name(unit, spec)}: {n} linears, calibrated in {secs:.1f} s, "
-                 f"quantized in {time.time() - t0:.1f} s (peak RSS {peak_rss_mb():.0f} MiB)")
+            calib = f"calibrated in {secs:.1f} s, " if q.needs_calibration else ""
+            info(f"[trtc]   {_unit_name(unit, spec)}: {n} linears, {calib}quantized in {time.time() - t0:.1f} s "
+                 f"(peak RSS {peak_rss_mb():.0f} MiB)")
     return rw.finish(out)
 
 
