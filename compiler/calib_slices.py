@@ -85,12 +85,15 @@ def slices(graph: onnx.GraphProto, observe: list[str]) -> list[Slice]:
     out = []
     for u in sorted({unit[t] for t in carried | set(observe)}):
         made = [t for t in sorted(carried, key=producer.get) if unit[t] == u]
-        seen = [t for t in observe if unit[t] == u and t not in made]
-        nodes = [graph.node[k] for k in sorted(_ancestors(graph, producer, unit, u, made + seen))]
+        # observed tensors of this unit, also those carried on (OLMo 2's q/k/v read the residual
+        # stream itself, which the next unit reads too)
+        seen = [t for t in observe if unit[t] == u]
+        extra = [t for t in seen if t not in made]
+        nodes = [graph.node[k] for k in sorted(_ancestors(graph, producer, unit, u, made + extra))]
         reads = {t for n in nodes for t in n.input if t}
         ins = [t for t in sorted(carried & reads, key=producer.get) if unit[t] < u]
         ins += [i.name for i in graph.input if i.name in reads]
-        out.append(Slice(u, nodes, ins, made + seen, made, seen))
+        out.append(Slice(u, nodes, ins, made + extra, made, seen))
     return out
 
 
