@@ -271,7 +271,23 @@ def _build_from_maps(onnx_path: Path, weights: MappedWeights, spec: ModelSpec, c
     config.progress_monitor = monitor
     # Stream the engine to disk as it is serialized: no second in-memory copy of the engine.
     with open(engine_path, "wb") as f:
-        ok = builder.build_serialized_network_to_stream(network, config, _file_writer(trt, f))
+        writer = _file_writer(trt, f)
+        ok = builder.build_serialized_network_to_stream(network, config, writer)
+        if writer.error is None:
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                writer.error = e
+    if writer.error is not None:
+        import errno
+
+        engine_path.unlink(missing_ok=True)
+        err = writer.error
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrtcError(f"out of disk space writing {engine_path.name} after {writer.written / 2**30:.2f} GiB "
+                            f"({err.strerror}); free space there, or point --output / TRTC_WORK_DIR at a larger disk")
+        raise TrtcError(f"cannot write {engine_path.name}: {err.strerror}")
     if not ok:
         errs = "; ".join(logger.errors()[-5:]) or "no message"
         raise TrtcError(f"{flavour.name} failed to build the engine for {', '.join(cfg.targets)}: {errs}")
@@ -315,11 +331,23 @@ def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
     class FileWriter(IStreamWriter):
         def __init__(self) -> None:
             IStreamWriter.__init__(self)
+            self.error: OSError | None = None
+            self.written = 0
 
         # TensorRT calls a Python writer with the chunk as bytes (its documented override); the
-        # stubs show the C++ binding's write(data: capsule, size).
+        # stubs show the C++ binding's write(data: capsule, size). An exception raised here is
+        # caught and logged by TensorRT, and the build still reports success (seen: a full disk left
+        # a truncated engine and exit 0): the error is kept and raised by the caller.
         def write(self, data: bytes) -> int:  # type: ignore[override]
-            return f.write(data)
+            if self.error is not None:
+                return 0
+            try:
+                n = f.write(data)
+            except OSError as e:
+                self.error = e
+                return 0
+            self.written += n
+            return n
 
     return FileWriter()
 

@@ -107,3 +107,28 @@ def test_short_data_file_names_the_weight(tmp_path):
     with pytest.raises(TrtcError, match=r"cannot read the weights of 'up' from .*g\.onnx\.data"):
         with MappedWeights(path):
             pass
+
+
+def test_engine_writer_keeps_a_full_disk_error():
+    """TensorRT swallows an exception raised in IStreamWriter.write and reports the build as done
+    (a full disk once left a truncated rank engine and exit 0): the writer must keep the error for
+    build_engine to raise."""
+    import errno
+
+    from trtc.compiler.build import _file_writer
+    from trtc.flavour import FLAVOURS, import_trt
+
+    class Full:
+        def __init__(self):
+            self.n = 0
+
+        def write(self, data):
+            if self.n + len(data) > 10:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(data)
+            return len(data)
+
+    w = _file_writer(import_trt(FLAVOURS["tensorrt_rtx"]), Full())
+    assert w.write(b"12345") == 5 and w.error is None
+    assert w.write(b"1234567890") == 0 and w.error.errno == errno.ENOSPC
+    assert w.write(b"1") == 0 and w.written == 5
