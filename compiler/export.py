@@ -203,15 +203,9 @@ def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_
     stacker = stack.Stacker(proto, parts, plan, layers_path, bound, aliases)
     model_proto = stack.assemble(proto, parts, plan, stacker, tdir)
     path = out_dir / "traced.onnx"
-    pattern = __import__("re").compile(__import__("re").escape(layers_path) + r"\.(\d+)\.")
-
-    def layer_of(name: str) -> int | None:
-        m = pattern.match(name)
-        return int(m.group(1)) if m else None
-
     t0 = time.perf_counter()
     stack.write_weights(model_proto, list(stacker.weights.values()), ckpt, cfg.dtype,
-                        out_dir / (path.name + ".data"), layer_of, L)
+                        out_dir / (path.name + ".data"), stacker.layer_of_param, L)
     size = (out_dir / (path.name + ".data")).stat().st_size
     info(f"[trtc]   weights: {size / 2**30:.2f} GiB written in {time.perf_counter() - t0:.1f} s")
     onnx.save_model(model_proto, str(path))

@@ -278,12 +278,6 @@ def check_siblings(parts: _Parts, graph, bound: dict, kinds: list[tuple], data_d
                                    f"way stacking cannot repeat")
 
 
-def real_param_name(template_name: str, layers_path: str, j: int, i: int) -> str:
-    """`model.layers.{j}.X` of the template -> `model.layers.{i}.X`."""
-    prefix = f"{layers_path}.{j}."
-    return f"{layers_path}.{i}." + template_name[len(prefix):] if template_name.startswith(prefix) else template_name
-
-
 @dataclass(frozen=True)
 class WeightRef:
     name: str         # initializer name in the stacked graph: the parameter of that layer
@@ -311,6 +305,11 @@ class Stacker:
         self.renames: list[dict[str, str]] = []      # per copied layer: template tensor -> its copy
         self.layer_of_node = {id(n): j for j, nodes in parts.blocks.items() for n in nodes}
         self._param_layer = re.compile(re.escape(layers_path) + r"\.(\d+)\.")
+
+    def layer_of_param(self, name: str) -> int | None:
+        """The decoder layer a checkpoint parameter belongs to (None: embedding, final norm, lm_head)."""
+        m = self._param_layer.match(name)
+        return int(m.group(1)) if m else None
 
     def _weight(self, init_name: str, i: int | None) -> str:
         """The stacked graph's initializer for template initializer `init_name` read by layer i."""
