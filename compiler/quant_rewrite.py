@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -31,6 +31,7 @@ from trtc.errors import TrtcInternalError
 
 from . import quant_algos as qa
 from .calibrate import ActStats
+from .onnx_io import inline_external
 from .quant_algos import FP8_MAX, INT8_MAX
 from .quant_config import QuantConfig
 from .quant_recipes import (NVFP4_BLOCK, RECIPES, awq_scales, dequantize, error_ratio, grid_of, hessian_eig, int8_columns,
@@ -105,7 +106,7 @@ def _float_weight(w: gs.Constant, weights_dir: Path) -> np.ndarray:
     t = TensorProto()
     t.CopyFrom(w._values.tensor)
     if uses_external_data(t):
-        load_external_data_for_tensor(t, str(weights_dir))
+        inline_external(t, weights_dir)
     return numpy_helper.to_array(t).astype(np.float32)
 
 

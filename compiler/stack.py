@@ -158,14 +158,14 @@ def tensor_of(init, data_dir: Path):
     import onnx
     import torch
     from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+    from onnx.external_data_helper import uses_external_data
+
+    from .onnx_io import inline_external
 
     t = onnx.TensorProto()
     t.CopyFrom(init)
     if uses_external_data(t):
-        load_external_data_for_tensor(t, str(data_dir))
-        t.data_location = onnx.TensorProto.DEFAULT
-        del t.external_data[:]
+        inline_external(t, data_dir)
     if t.data_type == onnx.TensorProto.BFLOAT16:
         raw = np.frombuffer(t.raw_data, dtype=np.int16).reshape(tuple(t.dims)) if t.raw_data else \
             np.asarray(t.int32_data, dtype=np.int32).astype(np.int16).reshape(tuple(t.dims))
@@ -422,11 +422,9 @@ def assemble(proto, parts: _Parts, plan: StackPlan, stacker: Stacker, data_dir: 
             c = onnx.TensorProto()
             c.CopyFrom(t)
             if c.data_location == onnx.TensorProto.EXTERNAL:
-                from onnx.external_data_helper import load_external_data_for_tensor
+                from .onnx_io import inline_external
 
-                load_external_data_for_tensor(c, str(data_dir))
-                c.data_location = onnx.TensorProto.DEFAULT
-                del c.external_data[:]
+                inline_external(c, data_dir)
             kept.append(c)
     graph = onnx.helper.make_graph(nodes, g.name, inputs, outputs, initializer=kept, value_info=value_info)
     model = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
