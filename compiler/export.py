@@ -77,28 +77,26 @@ def _wrapper(model, num_layers: int, marks: list | None = None):
 
 
 def trace(loaded: LoadedModel, cfg: ExportConfig, out_dir: Path) -> TracedGraph:
-    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data), in a child process
-    (compiler/export_worker.py): torch, the exporter and the template keep memory past the export
-    (0.45 GiB for TinyLlama, several GiB for an 8B model) that would otherwise sit beside the
-    TensorRT builder; a child gives it all back when it ends."""
+    """Export the model to `out_dir/traced.onnx` (+ traced.onnx.data) in a child process: torch, the
+    exporter and the template keep memory past the export (0.45 GiB for TinyLlama, several GiB for
+    an 8B model) that would otherwise sit beside the TensorRT builder; a child gives it all back when
+    it ends. The child is forked from a server process that imported torch and transformers once
+    (compiler/export_worker.py), so a process that exports many models (a test session, a recipe
+    matrix) pays those imports once, not per export. Its output comes back through a pipe and is
+    written to this process's stderr."""
     import pickle
-    import subprocess
-    import sys
 
     from trtc import log
     from trtc.errors import TrtcError
+
+    from . import export_worker
 
     out_dir.mkdir(parents=True, exist_ok=True)
     req, res = out_dir / ".trace-request.pkl", out_dir / ".trace-result.pkl"
     req.write_bytes(pickle.dumps((loaded.hf_dir, loaded.spec, loaded.adapter.name, loaded.source,
                                   loaded.weights_sha256, loaded.files_sha256, cfg, out_dir, log.state())))
-    proc = subprocess.Popen([sys.executable, "-m", "trtc.compiler.export_worker", str(req), str(res)])
     try:
-        code = proc.wait()
-    except BaseException:           # Ctrl-C / SIGTERM: stop the child before the work dir goes
-        proc.terminate()
-        proc.wait()
-        raise
+        code = export_worker.run_child(req, res)
     finally:
         req.unlink(missing_ok=True)
     answer = pickle.loads(res.read_bytes()) if res.is_file() else None

@@ -22,7 +22,7 @@ from trtc.flavour import Flavour, trt_version
 from trtc.log import StageTimes, info, stage
 from trtc.spec import ModelSpec, fingerprint_of
 
-from . import package
+from . import export_worker, package
 from .config import (BuildConfig, ExportConfig, check_against_export, check_attention_against_export, check_quant_dtype,
                      check_plugin_flavour, check_plugin_quant, resolve_attention, resolve_dtype)
 from .load import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model, save_tokenizer
@@ -67,6 +67,17 @@ def export_model(model: str | None, output: Path, dtype: str = "auto", max_seq_l
     validate_dump_after(dump_after, attention)
     package.check_output_dir(output, EXPORT_CONFIG)      # before any expensive work
     times = StageTimes()
+    export_worker.start()           # the export's process imports torch while the model loads
+    try:
+        return _export_model(model, output, dtype, max_seq_len, dump_after, quant, attention, kv_block_size, tp_size,
+                             times)
+    finally:
+        export_worker.release()
+
+
+def _export_model(model: str | None, output: Path, dtype: str, max_seq_len: int | None, dump_after: tuple[str, ...],
+                  quant: QuantConfig | None, attention: str, kv_block_size: int | None, tp_size: int,
+                  times: StageTimes) -> tuple[Path, StageTimes]:
     with stage("load", times, model or DEFAULT_MODEL):
         loaded = load_model(model)
     if quant is not None and quant.enabled:
@@ -157,6 +168,7 @@ def _build_input(model: str | None, times: StageTimes, dtype: str, max_seq_len: 
         blocks = _quant_blocks(quant) if quant is not None else (record.get("algo", "none"), record.get("group_size", 0))
         check_tp(graphs.spec, tp, *blocks, graphs.config.attention)
         return _BuildInput(graphs.spec, graphs.config, graphs.source, quant, exported=graphs, tp=tp)
+    export_worker.start()           # the export's process imports torch while the model loads (build_model releases it)
     with stage("load", times, model or DEFAULT_MODEL):
         loaded = load_model(model)
     ecfg = _export_config(loaded, dtype, max_seq_len, attention or "native", kv_block_size)
@@ -248,26 +260,29 @@ def build_model(model: str | None, output: Path, flavour: Flavour, targets: tupl
             with cache.lock(known), stage("cache", times, f"lookup {known}"):
                 if cache.fetch(known, output, lambda d: package.write_provenance(d, job)):
                     return output, times
-    inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits,
-                       tp_size)
-    check_quant_dtype(inp.quant, inp.ecfg.dtype)
-    if inp.exported is not None and (inp.exported.quantization or {}).get("config"):
-        # quantized at export: its mode must suit this build's targets too (fp8 needs sm_89+, ...)
-        check_targets(QuantConfig(**inp.exported.quantization["config"]), flavour, targets)
-    bcfg = build_config(inp.ecfg)
-    fingerprint = build_fingerprint(inp, bcfg, flavour, version, keep_onnx)
-    if cache is None or request is None:
-        _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job)
+    try:
+        inp = _build_input(model, times, dtype, max_seq_len, attention, kv_block_size, flavour, quant, check_limits,
+                           tp_size)
+        check_quant_dtype(inp.quant, inp.ecfg.dtype)
+        if inp.exported is not None and (inp.exported.quantization or {}).get("config"):
+            # quantized at export: its mode must suit this build's targets too (fp8 needs sm_89+, ...)
+            check_targets(QuantConfig(**inp.exported.quantization["config"]), flavour, targets)
+        bcfg = build_config(inp.ecfg)
+        fingerprint = build_fingerprint(inp, bcfg, flavour, version, keep_onnx)
+        if cache is None or request is None:
+            _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job)
+            return output, times
+        cache.remember(request, fingerprint)
+        with cache.lock(fingerprint):
+            with stage("cache", times, f"lookup {fingerprint}"):
+                hit = cache.fetch(fingerprint, output, lambda d: package.write_provenance(d, job))
+            if not hit:
+                _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job, cache)
+                with stage("cache", times, f"store {fingerprint}"):
+                    cache.store(fingerprint, output)
         return output, times
-    cache.remember(request, fingerprint)
-    with cache.lock(fingerprint):
-        with stage("cache", times, f"lookup {fingerprint}"):
-            hit = cache.fetch(fingerprint, output, lambda d: package.write_provenance(d, job))
-        if not hit:
-            _build(inp, bcfg, flavour, version, fingerprint, keep_onnx, output, times, dump_after, job, cache)
-            with stage("cache", times, f"store {fingerprint}"):
-                cache.store(fingerprint, output)
-    return output, times
+    finally:
+        export_worker.release()        # started before the load (_build_input); gone before the caller goes on
 
 
 def check_reproducible_build(model: str | None, output: Path, flavour: Flavour, targets: tuple[str, ...],
@@ -313,6 +328,7 @@ def _build(inp: _BuildInput, bcfg: BuildConfig, flavour: Flavour, version: str, 
         graphs = inp.exported
         if graphs is None:
             graphs = _export_reusing(inp, work, times, dump_after, output.parent / (output.name + ".dump"), cache)
+            export_worker.release()    # not beside the builder (an export reused from the cache never used it)
         if inp.quant is not None:
             graphs = quantize_graphs(graphs, inp.quant, work / "quant", times)
         if inp.tp > graphs.mapping.tp_size:

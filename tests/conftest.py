@@ -35,6 +35,18 @@ def _isolated_cache_dir() -> None:
 _isolated_cache_dir()
 
 
+def _keep_export_server() -> None:
+    """Every export of the session forks from one server that imported torch and transformers once
+    (~100 exports: minutes of imports saved). Tests of the server's own lifecycle run the CLI in a
+    subprocess, where the default (stopped after each export) applies."""
+    from trtc.compiler import export_worker
+
+    export_worker.keep_server(True)
+
+
+_keep_export_server()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     cache: dict[str, Path] = {}
