@@ -60,14 +60,17 @@ class _Server:
             except OSError:
                 chunk = b""
             buf += chunk
-            while DONE in buf:
+            while DONE in buf and b"\n" in buf.partition(DONE)[2]:
                 head, _, rest = buf.partition(DONE)
                 line, _, buf = rest.partition(b"\n")
                 self._write(dec.decode(head))
                 with self.done:
                     self.status.append(int(line))
                     self.done.notify_all()
-            keep = next((k for k in range(len(DONE) - 1, 0, -1) if buf.endswith(DONE[:k])), 0)   # a split marker
+            if DONE in buf:                                   # a status line still arriving
+                keep = len(buf) - buf.index(DONE)
+            else:                                             # a marker split between two reads
+                keep = next((k for k in range(len(DONE) - 1, 0, -1) if buf.endswith(DONE[:k])), 0)
             self._write(dec.decode(buf[:len(buf) - keep]))
             buf = buf[len(buf) - keep:]
             if not chunk:
