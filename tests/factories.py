@@ -104,3 +104,21 @@ def pass_test_spec(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 8,
                      head_dim=head_dim, max_position_embeddings=64, rope_type="default", rope_theta=10000.0,
                      rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=False, qk_norm=False,
                      sliding_window=window, source_dtype="float32", bos_token_id=1, eos_token_ids=(2,))
+
+
+def run_json(engine, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """`trtc run --backend onnxruntime --json`, all prompts as one batch: the generated ids per prompt."""
+    import json
+
+    from click.testing import CliRunner
+
+    from trtc.cli import main
+
+    args = ["run", str(engine), "--backend", "onnxruntime", "--json", "--max-new-tokens", str(new_tokens)]
+    for p in prompts:
+        args += ["--prompt", p]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    return [r["token_ids"] for r in rows]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from factories import PROMPTS, TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, hf_greedy
+from factories import PROMPTS, TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, hf_greedy, run_json
 from families_a import FAMILIES_A, family_config_a, make_tiny_model_a
 from trtc.cli import main
 from trtc.compiler.families import adapter_for_config
@@ -183,17 +183,6 @@ def engine_a(export_a, rtx_flavour, tmp_path_factory):
     return get
 
 
-def run_json(path, prompts=PROMPTS, n=NEW_TOKENS) -> list[list[int]]:
-    args = ["run", str(path), "--backend", "onnxruntime", "--json", "--max-new-tokens", str(n)]
-    for p in prompts:
-        args += ["--prompt", p]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
-    return [r["token_ids"] for r in rows]
-
-
 # What each family's graph must show after the passes (config.json's pass counts), 4 layers:
 # eager attention (gemma2: soft-capping) has no Attention node to fold the GQA copy out of, but its
 # copies get cache-following shapes (8 = K and V of 4 layers); NoPE layer 3 of smollm3 has no rotary.
@@ -217,7 +206,7 @@ def test_float32_greedy_tokens_match_transformers(family, model_a, engine_a):
         assert cfg["passes"][name] == n, (name, cfg["passes"])
     ref = hf_greedy(model_a(family), PROMPTS, NEW_TOKENS)
     assert all(len(r) == NEW_TOKENS for r in ref), "reference stopped early: pick decisive weights"
-    assert run_json(engine) == ref
+    assert run_json(engine, PROMPTS, NEW_TOKENS) == ref
 
 
 def _graph(engine):
@@ -321,7 +310,7 @@ def test_int8_wo_builds_and_stays_close(family, engine_a):
 def test_plugin_form_greedy_matches_transformers(family, model_a, export_a):
     """The plugins express these two (full causal, rotary on every layer over the whole head)."""
     ref = hf_greedy(model_a(family), PROMPTS, NEW_TOKENS)
-    assert run_json(export_a(family, attention="plugin")) == ref
+    assert run_json(export_a(family, attention="plugin"), PROMPTS, NEW_TOKENS) == ref
 
 
 @pytest.mark.slow

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from factories import PROMPTS, hf_greedy
+from factories import PROMPTS, hf_greedy, run_json
 from factories_b import (FAMILIES_B, LONG_PROMPTS, PHI3_ORIGINAL_MAX, PHI4_MINI_ORIGINAL_MAX, family_config_b,
                          longrope, make_tiny_model_b)
 from trtc.compiler.families import adapter_for_config, rope_parameters
@@ -255,27 +254,13 @@ def engine_b(model_b, rtx_flavour, tmp_path_factory):
     return get
 
 
-def _run_json(engine: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """`trtc run --backend onnxruntime --json`, all prompts as one batch: generated ids per prompt."""
-    from trtc.cli import main
-
-    args = ["run", str(engine), "--backend", "onnxruntime", "--json", "--max-new-tokens", str(new_tokens)]
-    for p in prompts:
-        args += ["--prompt", p]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
-    return [r["token_ids"] for r in rows]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES_B)
 def test_greedy_tokens_match_transformers_float32(family, model_b, engine_b):
     prompts = CASES[family][1]
     ref = hf_greedy(model_b(family), prompts, NEW_TOKENS)
     assert all(len(r) == NEW_TOKENS for r in ref)
-    assert _run_json(engine_b(family), prompts) == ref
+    assert run_json(engine_b(family), prompts, NEW_TOKENS) == ref
 
 
 def _gap(model_dir: Path, prompt: str, prefix: list[int], a: int, b: int) -> float:
@@ -299,7 +284,7 @@ def test_float16_builds_and_matches_transformers_float16(family, model_b, engine
     engine = engine_b(family, "float16")
     assert json.loads((engine / "config.json").read_text())["export_config"]["dtype"] == "float16"
     prompts = CASES[family][1]
-    ours, ref = _run_json(engine, prompts), hf_greedy(model_b(family), prompts, NEW_TOKENS, dtype="float16")
+    ours, ref = run_json(engine, prompts, NEW_TOKENS), hf_greedy(model_b(family), prompts, NEW_TOKENS, dtype="float16")
     for prompt, a, b in zip(prompts, ours, ref):
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if k is None:
@@ -346,7 +331,7 @@ def test_long_factor_engine_parts_from_transformers_below_the_original_length(mo
     """What config.json's reason says: transformers uses the short factors for a sequence within
     the original length, the long-factor engine does not (PROMPTS are 1..14 tokens, 8 at most
     within it at the first step)."""
-    ours, ref = _run_json(engine_b("phi4_mini"), PROMPTS), hf_greedy(model_b("phi4_mini"), PROMPTS, NEW_TOKENS)
+    ours, ref = run_json(engine_b("phi4_mini"), PROMPTS, NEW_TOKENS), hf_greedy(model_b("phi4_mini"), PROMPTS, NEW_TOKENS)
     assert ours != ref
 
 
@@ -406,7 +391,7 @@ def test_plugin_form_matches_transformers(family, max_seq_len, new_tokens, model
 
     out, _ = export_model(str(model_b(family)), tmp_path / "plugin", max_seq_len=max_seq_len, attention="plugin")
     assert json.loads((out / "trtc_export.json").read_text())["passes"]["plugin_attention"] == 2
-    assert _run_json(out, PROMPTS, new_tokens) == hf_greedy(model_b(family), PROMPTS, new_tokens)
+    assert run_json(out, PROMPTS, new_tokens) == hf_greedy(model_b(family), PROMPTS, new_tokens)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from factories import FAMILIES, PROMPTS, TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, family_config, hf_greedy, \
+from factories import FAMILIES, PROMPTS, TINY_MAX_BATCH, TINY_MAX_INPUT, TINY_MAX_SEQ, family_config, hf_greedy, run_json, \
     make_tokenizer
 from test_errors import assert_nothing_written, assert_user_error, trtc
 from trtc.cli import main
@@ -72,17 +72,6 @@ def tp_engine(tp_model, tmp_path_factory):
     return get
 
 
-def run_json(engine: Path, prompts: list[str], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    args = ["run", str(engine), "--backend", "onnxruntime", "--json", "--max-new-tokens", str(new_tokens)]
-    for p in prompts:
-        args += ["--prompt", p]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
-    return [r["token_ids"] for r in rows]
-
-
 def dist_collective_layers(onnx_path: Path) -> list[int]:
     """num_ranks of every DIST_COLLECTIVE layer TensorRT-RTX's parser makes of a rank graph."""
     import tensorrt_rtx as trt
@@ -114,7 +103,7 @@ def test_tp_greedy_tokens_match_transformers(family, tp, tp_model, tp_engine):
     past = next(i for i in cfg["io"]["inputs"] if i["name"] == "past_key_values.0.key")
     assert past["shape"][1] == max(1, KV_HEADS[family] // tp)            # the rank's KV heads
     assert dist_collective_layers(engine / "rank1.onnx") == [tp] * (2 * cfg["pretrained_config"]["num_layers"])
-    ours = run_json(engine, PROMPTS)
+    ours = run_json(engine, PROMPTS, NEW_TOKENS)
     ref = hf_greedy(tp_model(family), PROMPTS, NEW_TOKENS)
     assert all(len(r) == NEW_TOKENS for r in ref), "reference stopped early: pick decisive weights"
     assert ours == ref
