@@ -291,6 +291,8 @@ def _build_from_maps(onnx_path: Path, weights: MappedWeights, spec: ModelSpec, c
     if not ok:
         errs = "; ".join(logger.errors()[-5:]) or "no message"
         raise TrtcError(f"{flavour.name} failed to build the engine for {', '.join(cfg.targets)}: {errs}")
+    # hashed as it was written: packaging the engine need not read it back (art.written_sha256)
+    art.record_sha256(engine_path, writer.sha256.hexdigest(), art.file_identity(engine_path))
     return profiles
 
 
@@ -328,23 +330,37 @@ def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
     else:
         IStreamWriter = trt.IStreamWriter
 
+    import errno
+    import hashlib
+    import threading
+
     class FileWriter(IStreamWriter):
         def __init__(self) -> None:
             IStreamWriter.__init__(self)
             self.error: OSError | None = None
             self.written = 0
+            self.sha256 = hashlib.sha256()   # of the bytes written, in order: the file's sha256
 
-        # TensorRT calls a Python writer with the chunk as bytes (its documented override); the
-        # stubs show the C++ binding's write(data: capsule, size). An exception raised here is
-        # caught and logged by TensorRT, and the build still reports success (seen: a full disk left
-        # a truncated engine and exit 0): the error is kept and raised by the caller.
+        # TensorRT calls a Python writer with the chunk as bytes (64 MiB each, TensorRT-RTX 1.7; its
+        # documented override); the stubs show the C++ binding's write(data: capsule, size). An
+        # exception raised here is caught and logged by TensorRT, and the build still reports
+        # success (seen: a full disk left a truncated engine and exit 0): the error is kept and
+        # raised by the caller. The chunk is hashed on a second thread while it is written (both
+        # release the GIL): a chunk costs the slower of the two, and no chunk outlives its call.
         def write(self, data: bytes) -> int:  # type: ignore[override]
             if self.error is not None:
                 return 0
+            hasher = threading.Thread(target=self.sha256.update, args=(data,))
+            hasher.start()
             try:
                 n = f.write(data)
             except OSError as e:
                 self.error = e
+                return 0
+            finally:
+                hasher.join()
+            if n != len(data):     # a buffered file writes all or raises; anything else is a short write
+                self.error = OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
                 return 0
             self.written += n
             return n
@@ -378,6 +394,8 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
             raise TrtcInternalError(f"the TensorRT build of {engine_path.name} failed (exit {proc.returncode}); "
                                     f"its traceback is above")
         shutil.move(str(Path(cwd) / "engine.plan"), str(engine_path))
+        if "sha256" in answer:     # hashed by the worker as it wrote: still valid after a rename, not a copy
+            art.record_sha256(engine_path, answer["sha256"], answer["identity"])
     profiles = [typed_json.from_json(Profile, p, "build worker") for p in answer["profiles"]]
     return profiles, bool(flavour.reproducible and answer.get("aslr_off"))
 

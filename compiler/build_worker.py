@@ -7,7 +7,8 @@ was byte-identical (12 of 12). A child process per engine also gives the builder
 the system when it ends. Measured 2026-12-01 with TensorRT-RTX 1.7.1.116 (docs/reproducible-builds.md).
 
 Protocol: the parent writes one JSON request to stdin; the child answers one JSON object on stdout:
-{"profiles": [...], "aslr_off": bool} or {"error": message} (a TrtcError, exit code 2).
+{"profiles": [...], "aslr_off": bool, "sha256": hex, "identity": [dev, ino, size, mtime_ns]} or
+{"error": message} (a TrtcError, exit code 2).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def worker_env() -> dict[str, str]:
 
 def main() -> int:
     from trtc import typed_json
-    from trtc.artifact import BuildConfig
+    from trtc.artifact import BuildConfig, file_identity, written_sha256
     from trtc.errors import TrtcError
     from trtc.flavour import FLAVOURS
     from trtc.spec import ModelSpec
@@ -74,7 +75,10 @@ def main() -> int:
     except TrtcError as e:
         print(json.dumps({"error": str(e)}))
         return 2
-    print(json.dumps({"profiles": typed_json.to_json(profiles), "aslr_off": aslr_off()}))
+    engine = Path(req["engine"])
+    # the engine's sha256 as hashed while it was written, and the file identity it belongs to
+    print(json.dumps({"profiles": typed_json.to_json(profiles), "aslr_off": aslr_off(),
+                      "sha256": written_sha256(engine), "identity": file_identity(engine)}))
     return 0
 
 

@@ -92,7 +92,7 @@ def write_provenance(d: Path, job: dict | None = None) -> Path:
         deps.append({"name": "calibration-text", "digest": {"sha256": calib}})
     statement = {
         "_type": "https://in-toto.io/Statement/v1",
-        "subject": [{"name": n, "digest": {"sha256": art.sha256_file(d / n)}} for n in names],
+        "subject": [{"name": n, "digest": {"sha256": art.written_sha256(d / n)}} for n in names],
         "predicateType": "https://slsa.dev/provenance/v1",
         "predicate": {
             "buildDefinition": {

@@ -305,9 +305,41 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# sha256 of files whose bytes trtc hashed as it wrote them (an engine, hashed while the builder
+# streamed it: reading a 2 GiB engine back twice cost the package stage seconds), keyed by the
+# file's identity: device, inode, size and mtime. A file renamed since keeps its identity; one
+# rewritten or copied gets a new one and is read again. Only the writer's process records.
+_WRITTEN: dict[tuple[int, int, int, int], str] = {}
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns) of path: what changes when its bytes may have."""
+    import os
+
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def record_sha256(path: Path, digest: str, identity: tuple[int, int, int, int]) -> bool:
+    """Remember `digest` as path's sha256 when path still has the identity its writer saw after
+    the last byte (its file_identity then); False (nothing remembered) when it changed since."""
+    now = file_identity(path)
+    if now != tuple(identity):
+        return False
+    _WRITTEN[now] = digest
+    return True
+
+
+def written_sha256(path: Path) -> str:
+    """path's sha256: the digest recorded when trtc wrote it, if the file is unchanged since, else
+    read from disk. For checksums of files trtc has just written; verify_files always reads."""
+    known = _WRITTEN.get(file_identity(path))
+    return known if known is not None else sha256_file(path)
+
+
 def file_table(d: Path, names: list[str]) -> dict[str, FileEntry]:
     """{name: FileEntry(sha256, size)} of files in d, sorted by name."""
-    return {n: FileEntry(sha256_file(d / n), (d / n).stat().st_size) for n in sorted(names)}
+    return {n: FileEntry(written_sha256(d / n), (d / n).stat().st_size) for n in sorted(names)}
 
 
 def verify_files(d: Path, table: dict[str, FileEntry], names: list[str] | None = None,

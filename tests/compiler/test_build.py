@@ -21,6 +21,23 @@ def test_half_precision_builds(dtype, tiny_engine):
     assert cfg["passes"]["rotary_cache"] == 4, cfg["passes"]
 
 
+def test_engine_checksums_are_the_files_own(tiny_engine):
+    """config.json and the provenance statement take the engine's sha256 from the build worker,
+    which hashed it while writing (no second read): it must be the file's sha256 on disk."""
+    import hashlib
+
+    from trtc import artifact as art
+
+    d = tiny_engine("qwen3", "float16")
+    engine = d / "rank0.engine"
+    real = hashlib.sha256(engine.read_bytes()).hexdigest()
+    assert art.file_identity(engine) in art._WRITTEN          # the worker's digest was recorded and used
+    assert json.loads((d / "config.json").read_text())["files"]["rank0.engine"]["sha256"] == real
+    subjects = {s["name"]: s["digest"]["sha256"] for s in json.loads((d / art.PROVENANCE).read_text())["subject"]}
+    assert subjects["rank0.engine"] == real
+    art.verify_files(d, art.read_engine_config(d).files)
+
+
 def test_float16_runs_on_reference_backend(tiny_engine, tiny_model):
     from factories import PROMPTS, hf_greedy
     from trtc.runtime import LLM

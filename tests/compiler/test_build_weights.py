@@ -132,3 +132,46 @@ def test_engine_writer_keeps_a_full_disk_error():
     assert w.write(b"12345") == 5 and w.error is None
     assert w.write(b"1234567890") == 0 and w.error.errno == errno.ENOSPC
     assert w.write(b"1") == 0 and w.written == 5
+
+
+def test_engine_writer_hashes_exactly_what_it_wrote(tmp_path):
+    """The engine's sha256 comes from the writer (packaging does not read a 2 GiB engine back): it
+    must be the sha256 of the file's bytes, chunk after chunk."""
+    import hashlib
+
+    from trtc.compiler.build import _file_writer
+    from trtc.flavour import FLAVOURS, import_trt
+
+    chunks = [bytes(range(256)) * 4096, b"", b"tail", bytes(3000)]
+    path = tmp_path / "engine.plan"
+    with open(path, "wb") as f:
+        w = _file_writer(import_trt(FLAVOURS["tensorrt_rtx"]), f)
+        assert [w.write(c) for c in chunks] == [len(c) for c in chunks]
+    assert w.error is None and w.written == path.stat().st_size
+    assert w.sha256.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_written_sha256_trusts_a_recorded_digest_only_for_the_same_file(tmp_path):
+    """A digest recorded by the writer serves the file while it is unchanged (renamed: still the
+    same inode); a rewritten file, or a record made for another identity, is read from disk."""
+    import hashlib
+    import os
+
+    from trtc import artifact as art
+
+    a = tmp_path / "a.engine"
+    a.write_bytes(b"x" * 1000)
+    real = hashlib.sha256(b"x" * 1000).hexdigest()
+    ident = art.file_identity(a)
+    assert art.record_sha256(a, "recorded", ident)
+    assert art.written_sha256(a) == "recorded"             # not read: the record is used
+    b = tmp_path / "b.engine"
+    os.replace(a, b)
+    assert art.written_sha256(b) == "recorded"             # a rename keeps the identity
+    b.write_bytes(b"y" * 1000)                              # same size, new bytes
+    os.utime(b, ns=(ident[3] + 10**9, ident[3] + 10**9))    # and a later mtime, whatever the clock's resolution
+    assert art.written_sha256(b) == hashlib.sha256(b"y" * 1000).hexdigest()
+    c = tmp_path / "c.engine"
+    c.write_bytes(b"x" * 1000)
+    assert not art.record_sha256(c, "stale", ident)        # another file's identity: not recorded
+    assert art.written_sha256(c) == real
