@@ -79,7 +79,7 @@ def run(qr, qa, layers: int) -> tuple[dict, list]:
             s, alpha, _ = qr.awq_scales(np.concatenate(st.rows), st.abs_sum / st.count, ws, "int4_awq", GROUP)
             t1 = time.perf_counter()
             H = st.hessian / np.outer(s, s)
-            eig = qr.hessian_eig(H)
+            eig = qr.hessian_root(H)
             t["low_rank"] += time.perf_counter() - t1
             for w in ws:
                 ws_ = w * s[:, None]
@@ -89,7 +89,7 @@ def run(qr, qa, layers: int) -> tuple[dict, list]:
                 e = ws_ - qr.dequantize(q, grid, sc, lo)
                 a, b = qr.low_rank(e, eig, RANK)
                 t4 = time.perf_counter()
-                ratio = qr.error_ratio(e, a @ b, H)     # output error left by the correction
+                ratio = qr.error_ratio(e, a, b, H)     # output error left by the correction
                 t["clip+gptq"] += t3 - t2
                 t["low_rank"] += t4 - t3
                 results.append((alpha, q.astype(np.int8), ratio))

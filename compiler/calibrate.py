@@ -26,6 +26,24 @@ from .quant_config import QuantConfig
 from .quant_recipes import RECIPES
 
 AWQ_ROWS = 512                  # activation rows kept per AWQ group for the scale search
+HESSIAN_ROWS = 2048             # activation rows per x^T x product (8 MB per 1024 channels)
+
+
+def gram(x, block: int = 256):
+    """x^T x [K, K] of x [R, K] (a float32 torch tensor), computed block by block over the upper
+    triangle and mirrored: x^T x is symmetric, and torch has no syrk, so this does 52-67% of a full
+    product's work for K of 576 to 5632."""
+    import torch
+
+    k = x.shape[1]
+    if k <= block:
+        return x.T @ x
+    out = torch.empty((k, k), dtype=x.dtype)
+    for i in range(0, k, block):
+        xi = x[:, i:i + block]
+        out[i:i + block, i:] = xi.T @ x[:, i:]
+        out[i + block:, i:i + block] = out[i:i + block, i + block:].T
+    return out
 
 
 @dataclass
@@ -36,6 +54,7 @@ class ActStats:
     rows: list = dataclasses.field(default_factory=list)   # sampled [r, K] float32 blocks
     xtx: np.ndarray | None = None          # [K, K] sum of x^T x (GPTQ's Hessian, up to 2/n)
     camax: np.ndarray | None = None        # [K] max |x| per input channel
+    _pending: list = dataclasses.field(default_factory=list, repr=False)   # rows not yet in xtx
 
     @property
     def amax(self) -> float:
@@ -43,6 +62,7 @@ class ActStats:
 
     def channels(self, keep: np.ndarray) -> "ActStats":
         """These statistics restricted to the input channels `keep`."""
+        self.flush()
         return ActStats(abs_sum=self.abs_sum[keep], count=self.count,
                         rows=[r[:, keep] for r in self.rows],
                         xtx=None if self.xtx is None else self.xtx[np.ix_(keep, keep)],
@@ -50,13 +70,28 @@ class ActStats:
 
     @property
     def hessian(self) -> np.ndarray:
+        self.flush()
         return self.xtx / max(self.count, 1)
+
+    def flush(self) -> None:
+        """Add the pending rows' x^T x to `xtx`: one [rows, K] product for many windows, in torch
+        (numpy's OpenBLAS took 8 ms for one 128x576 window's x^T x on the 2-core VM, torch's MKL
+        1 ms; per window it was most of the calibration time)."""
+        if not self._pending:
+            return
+        import torch
+
+        x = torch.from_numpy(np.concatenate(self._pending))
+        self._pending.clear()
+        xtx = gram(x).numpy()
+        self.xtx = xtx if self.xtx is None else self.xtx + xtx
 
     def add(self, x: np.ndarray, keep_rows: int, hessian: bool = False) -> None:
         x = x.reshape(-1, x.shape[-1]).astype(np.float32)
         if hessian:
-            xtx = x.T @ x
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            self._pending.append(x)
+            if sum(len(p) for p in self._pending) >= HESSIAN_ROWS:
+                self.flush()
         ax = np.abs(x)
         c = ax.max(0)
         self.camax = c if self.camax is None else np.maximum(self.camax, c)
@@ -120,19 +155,27 @@ def _session(model, graph_dir: Path):
     import onnx
     import onnxruntime as ort
 
+    from .quant_algos import threads
+
     tmp = graph_dir / f".calib-{os.getpid()}.onnx"
     onnx.save_model(model, str(tmp))
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # the quantizer's thread count (quant_algos.threads()), threads that sleep when idle: ORT's
+        # default (one spinning thread per core) lost time to spinning beside other jobs
+        so.intra_op_num_threads = threads()
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _graph_feeds(names: list[str], w: np.ndarray, types: dict[str, int], spec: ModelSpec,
-                 max_seq_len: int) -> dict[str, np.ndarray]:
-    """Graph inputs of one window (batch 1): its tokens, positions 0..S-1, empty caches."""
+                 cache_len: int) -> dict[str, np.ndarray]:
+    """Graph inputs of one window (batch 1): its tokens, positions 0..S-1, empty caches of
+    `cache_len` positions."""
     from onnx import helper
 
     feeds = {}
@@ -142,11 +185,26 @@ def _graph_feeds(names: list[str], w: np.ndarray, types: dict[str, int], spec: M
         elif n == art.POSITION_IDS:
             feeds[n] = np.arange(len(w), dtype=np.int64)[None]
         elif art.is_cache_input(n):
-            feeds[n] = np.zeros(art.cache_shape(1, spec.num_kv_heads, max_seq_len, spec.head_dim),
+            feeds[n] = np.zeros(art.cache_shape(1, spec.num_kv_heads, cache_len, spec.head_dim),
                                 helper.tensor_dtype_to_np_dtype(types[n]))
         else:
             raise TrtcInternalError(f"calibration: no value for graph input {n}")
     return feeds
+
+
+def _run(sess, outputs: list[str], cache_len: list[int], feeds) -> list[np.ndarray]:
+    """sess.run with the caches of `feeds(cache_len[0])`. Empty caches as long as the window
+    (not max_seq_len) give the same activations (the positions past the window are masked) at
+    a fraction of the attention's cost: SmolLM2's calibration at max_seq_len 2048 took twice as
+    long. A slice that refuses them (a graph whose shapes fix the cache length) runs with the
+    full length, and so do the slice's later windows (cache_len is updated)."""
+    while True:
+        try:
+            return sess.run(outputs, feeds(cache_len[0]))
+        except Exception:           # ONNX Runtime's shape errors have no common public type
+            if len(cache_len) == 1:
+                raise
+            cache_len.pop(0)
 
 
 def calibrate_by_unit(graph_path: Path, plan: CalibrationPlan, windows: list[np.ndarray], spec: ModelSpec,
@@ -171,10 +229,11 @@ def calibrate_by_unit(graph_path: Path, plan: CalibrationPlan, windows: list[np.
         stats = {n: ActStats() for n in s.observed}
         made: dict[str, list[np.ndarray]] = {t: [] for t in s.carried_out}
         graph_inputs = [t for t in s.inputs if t not in carried]
+        cache_len = [len(windows[0]), max_seq_len]
         for k, w in enumerate(windows):
-            feeds = _graph_feeds(graph_inputs, w, types, spec, max_seq_len)
-            feeds.update({t: carried[t][k] for t in s.inputs if t in carried})
-            for n, x in zip(s.outputs, sess.run(s.outputs, feeds)):
+            for n, x in zip(s.outputs, _run(sess, s.outputs, cache_len, lambda c: {
+                    **_graph_feeds(graph_inputs, w, types, spec, c),
+                    **{t: carried[t][k] for t in s.inputs if t in carried}})):
                 if n in made:
                     made[n].append(x)
                 if n in stats:

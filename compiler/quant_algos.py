@@ -37,15 +37,19 @@ def device() -> torch.device:
     return torch.device(name)
 
 
+def threads() -> int:
+    """CPU threads for the quantizer (torch) and its calibration (ONNX Runtime):
+    TRTC_QUANT_THREADS, default 1. See bench/RESULTS-quant.md for 1 vs 2 threads on the
+    project's 2 shared cores: OpenMP threads that spin-wait lose when other jobs hold a core."""
+    return max(1, int(os.environ.get("TRTC_QUANT_THREADS") or 1))
+
+
 @contextlib.contextmanager
 def cpu_threads():
-    """torch's CPU threads for the quantizer: TRTC_QUANT_THREADS, default 1. Measured on the
-    project's 2-core machine beside other jobs: 2 OpenMP threads ran GPTQ of a 1536x576 weight in
-    7.2 s and its Hessian's eigh in 16.2 s, 1 thread in 1.8 s and 2.5 s (threads spin-wait while
-    another process holds a core; bench/RESULTS-quant.md). Restored afterwards: the export uses
-    torch too."""
+    """torch's CPU threads set to `threads()` for the quantizer, restored afterwards (the export
+    uses torch too)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("TRTC_QUANT_THREADS") or 1))
+    torch.set_num_threads(threads())
     try:
         yield
     finally:
@@ -85,9 +89,22 @@ def grid_params(w: torch.Tensor, grid: Grid, clip: torch.Tensor | float = 1.0):
     return (amax / top).to(F32), None
 
 
+def _grouped(w: torch.Tensor, group: int):
+    """w [K, N] as [G, group, N] (a view) when groups split it evenly, else None: per-group
+    scales then broadcast over each group's rows instead of being repeated to [K, N] (the same
+    elementwise arithmetic, without the copies)."""
+    k = w.shape[0]
+    return w.reshape(k // group, group, w.shape[1]) if group and k % group == 0 else None
+
+
 def quantize(w: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
     """Stored values (a float tensor holding the integers / fp8-rounded values) of `w`."""
     k = w.shape[0]
+    wg = _grouped(w, grid.group)
+    if wg is not None and grid.kind != "fp8":
+        if lo is not None:
+            wg = wg - lo[:, None]
+        return torch.round(wg / s[:, None]).clamp_(grid.qmin, grid.qmax).reshape(w.shape)
     se = _expand(s, k, grid.group)
     if grid.kind == "fp8":
         return (w / se).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(F32)
@@ -98,6 +115,12 @@ def quantize(w: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | No
 
 def dequantize(q: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
     k = q.shape[0]
+    qg = _grouped(q, grid.group)
+    if qg is not None:
+        w = qg * s[:, None]
+        if lo is not None:
+            w = w + lo[:, None]
+        return w.reshape(q.shape).to(F32)
     w = q * _expand(s, k, grid.group)
     if lo is not None:
         w = w + _expand(lo, k, grid.group)
@@ -112,46 +135,72 @@ def rtn(w: torch.Tensor, grid: Grid, clip=1.0):
 def clip_search(w: torch.Tensor, x: torch.Tensor, grid: Grid, ratios=np.linspace(1.0, 0.5, 11)) -> torch.Tensor:
     """Per group and column, the shrink ratio of the group's range that minimises the output
     error of that group's slice: ||x_g w_g - x_g Q(w_g)||^2 over calibration rows x [R, K].
-    Returns clip [G, N] float32 (1.0 = no clipping)."""
+    Returns clip [G, N] float32 (1.0 = no clipping).
+    The error is computed as sum(e_g * (x_g^T x_g) e_g) with each group's [g, g] Gram matrix
+    (float64): g/R of the work of x_g @ e_g (1/8 for SmolLM2's 64 of 512 rows)."""
     k, n = w.shape
     g = grid.group or k
-    best = torch.full((k // g, n), float("inf"), dtype=F64, device=w.device)
-    clip = torch.ones((k // g, n), dtype=F32, device=w.device)
+    ng = k // g
+    xg = x.to(F64).reshape(x.shape[0], ng, g).transpose(0, 1)      # [G, R, g]
+    gram = xg.transpose(1, 2) @ xg                                  # [G, g, g]
+    best = torch.full((ng, n), float("inf"), dtype=F64, device=w.device)
+    clip = torch.ones((ng, n), dtype=F32, device=w.device)
     for r in ratios:
         q, s, z = rtn(w, grid, torch.tensor(float(r), dtype=F64, device=w.device))
-        e = w - dequantize(q, grid, s, z)                       # [K, N]
-        err = torch.empty((k // g, n), dtype=F64, device=w.device)
-        for j in range(k // g):
-            d = x[:, j * g:(j + 1) * g] @ e[j * g:(j + 1) * g]   # [R, N]
-            err[j] = (d * d).sum(0)
+        e = (w - dequantize(q, grid, s, z)).to(F64).reshape(ng, g, n)   # [G, g, N]
+        err = (e * (gram @ e)).sum(1)                               # [G, N]
         better = err < best
         best[better] = err[better]
         clip[better] = float(r)
     return clip
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, clip=None, damp: float = 0.01, block: int = 128,
-         act_order: bool = True):
-    """GPTQ rounding of w [K, N] with input Hessian H = E[x^T x] [K, K] (float64 inside). Rows are
-    rounded in order of decreasing H diagonal (act order: the most active input channels first,
-    while the most rows are left to absorb their error). The grid (scales, zero points) is fixed
-    up front from w, per column or per group of `grid.group` consecutive rows ("static groups"),
-    so it stays the grid a blockwise DequantizeLinear can express. Returns (q, s, z) like `rtn`."""
+class GptqFactor:
+    """What GPTQ needs from a Hessian H [K, K], shared by the linears reading one activation:
+    the act-order permutation, the upper Cholesky factor U of the damped, permuted H^-1, and the
+    input channels the calibration never excited (`dead`, zero diagonal)."""
+
+    def __init__(self, H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> None:
+        H = H.to(F64).clone()
+        k = H.shape[0]
+        self.dead = torch.diagonal(H) == 0
+        H[self.dead, self.dead] = 1.0
+        diag = torch.diagonal(H)
+        self.perm = torch.argsort(-diag, stable=True) if act_order else torch.arange(k, device=H.device)
+        H = H[self.perm][:, self.perm]
+        H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
+        # U = chol(H^-1)^T through H's own Cholesky factor: half the work of a general inverse
+        self.U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def _round_rows(w: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
+    """`quantize` of rows w [.., N] (float32) with their own scales s [.., N] (no groups)."""
+    if grid.kind == "fp8":
+        return (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(F32)
+    if lo is not None:
+        w = w - lo
+    return torch.round(w / s).clamp(grid.qmin, grid.qmax)
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor | GptqFactor, grid: Grid, clip=None, damp: float = 0.01,
+         block: int = 128, act_order: bool = True):
+    """GPTQ rounding of w [K, N] with input Hessian H = E[x^T x] [K, K] (float64 inside; or its
+    `GptqFactor`, made once for the linears sharing an input). Rows are rounded in order of
+    decreasing H diagonal (act order: the most active input channels first, while the most rows
+    are left to absorb their error). The grid (scales, zero points) is fixed up front from w, per
+    column or per group of `grid.group` consecutive rows ("static groups"), so it stays the grid a
+    blockwise DequantizeLinear can express. Returns (q, s, z) like `rtn`."""
+    f = H if isinstance(H, GptqFactor) else GptqFactor(H, damp, act_order)
     w = w.to(F64).clone()
     k, n = w.shape
-    H = H.to(F64).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    w[dead] = 0.0
+    w[f.dead] = 0.0
     S, Z = grid_params(w.to(F32), grid, 1.0 if clip is None else clip)
-    diag = torch.diagonal(H)
-    perm = torch.argsort(-diag, stable=True) if act_order else torch.arange(k, device=w.device)
+    perm, U = f.perm, f.U
     w = w[perm]
-    H = H[perm][:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
-    U = torch.linalg.cholesky(torch.linalg.inv(H)).T         # upper Cholesky factor of H^-1
-    one = Grid(grid.kind, grid.qmin, grid.qmax, 0)
-    gidx = (perm // grid.group if grid.group else torch.zeros(k, dtype=torch.long, device=w.device)).tolist()
+    # each row's scale (and offset) in rounding order [K, N]: the loop below is per-row op overhead
+    gidx = perm // grid.group if grid.group else torch.zeros(k, dtype=torch.long, device=w.device)
+    S_rows = S[gidx]
+    Z_rows = None if Z is None else Z[gidx]
     Q = torch.zeros((k, n), dtype=F32, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -159,13 +208,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, grid: Grid, clip=None, damp: float = 
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = gidx[i1 + i]
-            s_row = S[j:j + 1]
-            z_row = None if Z is None else Z[j:j + 1]
-            q = quantize(W1[i:i + 1].to(F32), one, s_row, z_row)
-            Q[i1 + i] = q[0]
-            err = (W1[i] - dequantize(q, one, s_row, z_row)[0]) / U1[i, i]
-            W1[i:] -= torch.outer(U1[i, i:], err)
+            s_row = S_rows[i1 + i]
+            z_row = None if Z_rows is None else Z_rows[i1 + i]
+            q = _round_rows(W1[i].to(F32), grid, s_row, z_row)
+            Q[i1 + i] = q
+            deq = q * s_row if z_row is None else q * s_row + z_row
+            err = (W1[i] - deq) / U1[i, i]
+            W1[i + 1:].sub_(torch.outer(U1[i, i + 1:], err))
             E1[i] = err
         w[i2:] -= U[i1:i2, i2:].T @ E1
     out = torch.empty_like(Q)
@@ -177,8 +226,10 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
                alphas=np.linspace(0.0, 1.0, 21)) -> tuple[torch.Tensor, float, float]:
     """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K]; `qdq`
     quantizes and dequantizes a [K, N] weight. s = mean|x|^alpha, alpha searched to minimise
-    sum ||x W - (x/s) qdq(diag(s) W)||^2 (float64, as numpy promoted it); alpha = 0 is plain
-    rounding, so the search never does worse than it on the calibration rows.
+    sum ||x W - (x/s) qdq(diag(s) W)||^2; alpha = 0 is plain rounding, so the search never does
+    worse than it on the calibration rows. The scales and the rounding are float64 (as numpy
+    promoted them); the [R, K] x [K, N] products are float32 like the reference x W was (half the
+    time of float64; the losses move by ~1e-6 relative, far below the steps between alphas).
     Returns (s float32, alpha, loss ratio vs alpha = 0)."""
     ref = [x @ w for w in weights]
     best = (None, 0.0, float("inf"))
@@ -188,10 +239,11 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
     for alpha in alphas:
         s = base ** float(alpha)
         s = s / torch.sqrt(s.max() * s.min())
-        xs = x64 / s
+        xs = (x64 / s).to(F32)
         loss = 0.0
         for w, r in zip(weights, ref):
-            loss += float(((xs @ qdq(w.to(F64) * s[:, None]).to(F64) - r) ** 2).sum())
+            d = (xs @ qdq(w.to(F64) * s[:, None]).to(F32) - r).to(F64)
+            loss += float((d * d).sum())
         if alpha == 0.0:
             base_loss = loss
         if loss < best[2]:
@@ -199,21 +251,67 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
     return best[0], best[1], best[2] / max(base_loss, 1e-30)
 
 
-def hessian_eig(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition (l, V) of H = E[x^T x] (float64) with GPTQ's damping added to the
-    eigenvalues (a fraction of their mean), so that directions the calibration never excited stay
-    bounded."""
-    lam, V = torch.linalg.eigh(H.to(F64))
-    return lam.clamp_min(0.0) + damp * max(float(lam.mean()), 1e-30), V
+class HessianRoot:
+    """A square root R of the damped input Hessian, H + d I = R R^T (d: GPTQ's damping, a fraction
+    of the mean eigenvalue = the mean diagonal), so that directions the calibration never excited
+    stay bounded. R is H's Cholesky factor (a tenth of the time of the eigen-decomposition the
+    correction used before, and the same correction: any root gives the same best rank-r fix);
+    the eigen-decomposition R = V diag(sqrt(l)) is the fallback where Cholesky fails (damp 0 on a
+    singular H). Linears sharing an input share it."""
+
+    def __init__(self, H: torch.Tensor, damp: float = 0.01) -> None:
+        H = H.to(F64)
+        d = damp * max(float(torch.diagonal(H).mean()), 1e-30)
+        L, info = torch.linalg.cholesky_ex(H + d * torch.eye(H.shape[0], dtype=F64, device=H.device))
+        self.L, self.eig = (L, None) if int(info) == 0 else (None, _damped_eig(H, d))
+        self.device = H.device
+
+    def rt(self, e: torch.Tensor) -> torch.Tensor:
+        """R^T e."""
+        if self.L is not None:
+            return self.L.T @ e
+        lam, V = self.eig
+        return torch.sqrt(lam)[:, None] * (V.T @ e)
+
+    def rt_solve(self, u: torch.Tensor) -> torch.Tensor:
+        """R^-T u."""
+        if self.L is not None:
+            return torch.linalg.solve_triangular(self.L.T, u, upper=True)
+        lam, V = self.eig
+        return V @ (u / torch.sqrt(lam)[:, None])
 
 
-def low_rank(e: torch.Tensor, H: torch.Tensor | tuple, r: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def _damped_eig(H: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, V = torch.linalg.eigh(H)
+    return lam.clamp_min(0.0) + d, V
+
+
+def low_rank(e: torch.Tensor, H: torch.Tensor | HessianRoot, r: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors A [K, r], B [r, N] (float32) of the rank-r C minimising E_x ||x (e - C)||^2 =
-    tr((e - C)^T H (e - C)) for a weight error e [K, N] and input Hessian H = E[x^T x]: with
-    H = V diag(l) V^T, C = H^-1/2 trunc_r(H^1/2 e), H damped as in `hessian_eig`. `H` may be that
-    function's result (linears sharing an input share it)."""
-    lam, V = H if isinstance(H, tuple) else hessian_eig(H, damp)
-    U, S, Vt = torch.linalg.svd((V * torch.sqrt(lam)) @ (V.T @ e.to(F64)), full_matrices=False)
-    root = torch.sqrt(S[:r])       # split evenly, so neither factor's values are extreme in fp16
-    A = (V / torch.sqrt(lam)) @ (V.T @ (U[:, :r] * root))
-    return A.to(F32), (root[:, None] * Vt[:r]).to(F32)
+    tr((e - C)^T H (e - C)) = ||R^T (e - C)||^2 for a weight error e [K, N] and input Hessian
+    H = E[x^T x] = R R^T (damped, `HessianRoot`): C = R^-T trunc_r(R^T e). `H` may be a
+    HessianRoot (linears sharing an input share it)."""
+    root_h = H if isinstance(H, HessianRoot) else HessianRoot(H, damp)
+    U, S, Vt = top_svd(root_h.rt(e.to(F64)), r)
+    root = torch.sqrt(S)           # split evenly, so neither factor's values are extreme in fp16
+    A = root_h.rt_solve(U * root)
+    return A.to(F32), (root[:, None] * Vt).to(F32)
+
+
+def top_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r largest singular triplets (U [K, r], S [r], Vt [r, N]) of M [K, N] (float64), from
+    the eigen-decomposition of the smaller Gram matrix (M M^T or M^T M): a third of the time of a
+    full SVD for TinyLlama's 2048 x 5632 and the same triplets to ~1e-10 while sigma_1 / sigma_r
+    stays under ~1e3 (the Gram matrix squares it). Singular values below that resolution (M of
+    rank < r) give zero triplets, not noise."""
+    k, n = M.shape
+    r = min(r, k, n)
+    wide = k <= n
+    lam, W = torch.linalg.eigh(M @ M.T if wide else M.T @ M)        # ascending
+    lam, W = lam.flip(0)[:r].clamp_min(0.0), W.flip(1)[:, :r]
+    S = torch.sqrt(lam)
+    live = S > S[0] * 1e-6 if r else S > 0
+    inv = torch.where(live, 1.0 / torch.where(live, S, 1.0), 0.0)
+    if wide:
+        return W, S * live, (W.T @ M) * inv[:, None]
+    return (M @ W) * inv, S * live, W.T

@@ -74,21 +74,26 @@ def grid_of(algo: str, group_size: int) -> Grid:
 
 
 def quantize_weight(w: np.ndarray, algo: str, grid: Grid, st: ActStats | None,
-                    s: np.ndarray | None = None):
+                    s: np.ndarray | None = None, shared: dict | None = None):
     """(stored values, scales [G, N], offsets [G, N] or None), numpy, of w [K, N] (already
     multiplied by the AWQ scales `s`, whose inverse the activation gets); computed in torch on
-    `qa.device()`."""
+    `qa.device()`. `shared` (one dict per activation) keeps what the linears reading the same
+    activation share: the clipping search's rows and GPTQ's factor of the Hessian."""
     qa = _qa()
     r = RECIPES[algo]
     dev = qa.device()
+    shared = {} if shared is None else shared
     wt = qa.tensor(w, dev)
     s = np.ones(w.shape[0], np.float32) if s is None else s
     clip = 1.0
     if r.clip:
-        clip = qa.clip_search(wt, qa.tensor(np.concatenate(st.rows) / s, dev), grid)
+        if "x" not in shared:
+            shared["x"] = qa.tensor(np.concatenate(st.rows) / s, dev)
+        clip = qa.clip_search(wt, shared["x"], grid)
     if r.gptq:
-        H = qa.tensor(st.hessian / np.outer(s, s), dev, qa.F64)
-        out = qa.gptq(wt, H, grid, clip=None if not r.clip else clip)
+        if "gptq" not in shared:
+            shared["gptq"] = qa.GptqFactor(qa.tensor(st.hessian / np.outer(s, s), dev, qa.F64))
+        out = qa.gptq(wt, shared["gptq"], grid, clip=None if not r.clip else clip)
     else:
         out = qa.rtn(wt, grid, clip)
     return tuple(None if t is None else qa.numpy(t) for t in out)
@@ -110,16 +115,16 @@ def awq_scales(x: np.ndarray, mean_abs: np.ndarray, ws: list[np.ndarray], algo: 
     return qa.numpy(s), alpha, ratio
 
 
-def hessian_eig(H: np.ndarray) -> tuple:
-    """qa.hessian_eig of a numpy Hessian; the result stays on the device for `low_rank`."""
+def hessian_root(H: np.ndarray):
+    """qa.HessianRoot of a numpy Hessian; it stays on the device for `low_rank`."""
     qa = _qa()
-    return qa.hessian_eig(qa.tensor(H, qa.device(), qa.F64))
+    return qa.HessianRoot(qa.tensor(H, qa.device(), qa.F64))
 
 
-def low_rank(err: np.ndarray, eig: tuple, r: int) -> tuple[np.ndarray, np.ndarray]:
+def low_rank(err: np.ndarray, root, r: int) -> tuple[np.ndarray, np.ndarray]:
     """qa.low_rank factors (A [K, r], B [r, N], numpy float32) of a numpy weight error."""
     qa = _qa()
-    A, B = qa.low_rank(qa.tensor(err, eig[1].device, qa.F64), eig, r)
+    A, B = qa.low_rank(qa.tensor(err, root.device, qa.F64), root, r)
     return qa.numpy(A), qa.numpy(B)
 
 
@@ -154,14 +159,13 @@ def int8_columns(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(m / sc), -INT8_MAX, INT8_MAX).astype(np.int8), sc.astype(np.float32)
 
 
-def error_ratio(e: np.ndarray, c: np.ndarray, H: np.ndarray) -> float:
-    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)): output error left after correcting e by c
-    (float64, on `qa.device()`: H @ d is a [K, K] x [K, N] product)."""
+def error_ratio(e: np.ndarray, a: np.ndarray, b: np.ndarray, H: np.ndarray) -> float:
+    """sqrt(tr((e-c)^T H (e-c)) / tr(e^T H e)) for c = a @ b [K, r] x [r, N]: output error left
+    after correcting e by c (on `qa.device()`). A reported figure only (config.json, 4 digits), so
+    float32: H (e - c) = H e - (H a) b, one [K, K] x [K, N] product."""
     qa = _qa()
     dev = qa.device()
-    Ht = qa.tensor(H, dev, qa.F64)
-
-    def energy(d):
-        d = qa.tensor(d, dev, qa.F64)
-        return float((d * (Ht @ d)).sum())
-    return float(np.sqrt(energy(e - c) / max(energy(e), 1e-30)))
+    Ht, et, at, bt = (qa.tensor(m, dev) for m in (H, e, a, b))
+    He = Ht @ et
+    left = float(((et - at @ bt) * (He - (Ht @ at) @ bt)).sum(dtype=qa.F64))
+    return float(np.sqrt(left / max(float((et * He).sum(dtype=qa.F64)), 1e-30)))

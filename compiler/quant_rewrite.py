@@ -15,7 +15,7 @@ graph needs no re-sort.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from .calibrate import ActStats
 from .onnx_io import inline_external
 from .quant_algos import FP8_MAX, INT8_MAX
 from .quant_config import QuantConfig
-from .quant_recipes import (NVFP4_BLOCK, RECIPES, awq_scales, dequantize, error_ratio, grid_of, hessian_eig, int8_columns,
+from .quant_recipes import (NVFP4_BLOCK, RECIPES, awq_scales, dequantize, error_ratio, grid_of, hessian_root, int8_columns,
                             low_rank, quant_nvfp4, quantize_weight)
 from .quant_report import QuantLog
 
@@ -160,12 +160,13 @@ class _Input:
     x_lr: gs.Variable              # the low-rank correction's input (after AWQ)
     st: ActStats | None            # statistics of the channels left in the GEMM
     s: np.ndarray | None = None    # AWQ scales of those channels
-    H: np.ndarray | None = None    # low rank: x_lr's Hessian [K, K] and its eigen-decomposition
-    eig: tuple | None = None
+    H: np.ndarray | None = None    # low rank: x_lr's Hessian [K, K] and its root (HessianRoot)
+    root: object | None = None
     outliers: np.ndarray | None = None   # outlier channel indices, sorted
     keep: np.ndarray | None = None       # the other channels
     x_outliers: gs.Variable | None = None    # [.., n]
     group_sum: gs.Variable | None = None     # int4: x_in summed per group [.., K/G], made once
+    shared: dict = field(default_factory=dict)   # quantize_weight's per-activation values
 
 
 def _awq(c: _Ctx, first, inp: _Input, ws: list[np.ndarray]) -> list[np.ndarray]:
@@ -225,7 +226,7 @@ def _group_input(c: _Ctx, first, st: ActStats | None, ws: list[np.ndarray]) -> t
     inp.x_lr = inp.x_in
     if c.q.low_rank:
         inp.H = st.hessian if inp.s is None else st.hessian / np.outer(inp.s, inp.s)
-        inp.eig = hessian_eig(inp.H)
+        inp.root = hessian_root(inp.H)
     if c.q.outlier_channels:
         _split_outliers(c, first, inp)
     if c.q.algo == "fp8":
@@ -239,9 +240,9 @@ def _round(c: _Ctx, n, w: np.ndarray, grid: qa.Grid, inp: _Input, base: str, ter
     """(stored values [K, N], scales, offsets or None, the weight the graph applies, as float).
     Outlier rows are exact zeros in the stored values and go to a float MatMul term."""
     if inp.outliers is None:
-        qv, sc, lo = quantize_weight(w, c.q.algo, grid, inp.st, inp.s)
+        qv, sc, lo = quantize_weight(w, c.q.algo, grid, inp.st, inp.s, inp.shared)
         return qv, sc, lo, dequantize(qv, grid, sc, lo)
-    qk, sc, lo = quantize_weight(w[inp.keep], c.q.algo, grid, inp.st, inp.s)
+    qk, sc, lo = quantize_weight(w[inp.keep], c.q.algo, grid, inp.st, inp.s, inp.shared)
     qv = np.zeros_like(w)
     qv[inp.keep] = qk
     t = _node("MatMul", f"{base}_outlier_mm",
@@ -255,9 +256,9 @@ def _round(c: _Ctx, n, w: np.ndarray, grid: qa.Grid, inp: _Input, base: str, ter
 
 def _low_rank_term(c: _Ctx, n, err: np.ndarray, inp: _Input, base: str) -> gs.Variable:
     """(x_lr @ A) @ B ~ x_lr @ err, A [K, r] and B [r, N] stored as int8 with a scale per column."""
-    fac = [int8_columns(f) for f in low_rank(err, inp.eig, c.q.low_rank)]
+    fac = [int8_columns(f) for f in low_rank(err, inp.root, c.q.low_rank)]
     (aq, asc), (bq, bsc) = fac
-    c.log.low_rank.append(error_ratio(err, (aq * asc) @ (bq * bsc), inp.H))
+    c.log.low_rank.append(error_ratio(err, aq * asc, bq * bsc, inp.H))
     t = inp.x_lr
     for which, (fq, fs), out in (("a", fac[0], f"{base}_lr_a"), ("b", fac[1], f"{base}_lr")):
         qname = f"{base}_lowrank_{which}"

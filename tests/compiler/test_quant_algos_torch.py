@@ -104,3 +104,32 @@ def test_low_rank_equals_numpy():
     a, b = qa.low_rank(_t(e), _t(H), 16)
     ra, rb = ref.low_rank(e, H, 16)
     np.testing.assert_allclose((a @ b).numpy(), ra @ rb, atol=1e-5 * np.abs(ra @ rb).max())
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_top_svd_equals_full_svd(shape):
+    """The Gram-matrix route gives the full SVD's leading triplets; a rank-deficient M gives zero
+    triplets past its rank (not noise) and its product is M itself."""
+    rng = np.random.default_rng(6)
+    m = torch.from_numpy(rng.standard_normal(shape))
+    u, s, vt = qa.top_svd(m, 8)
+    ru, rs, rvt = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(s, rs[:8], rtol=1e-10, atol=0)
+    torch.testing.assert_close(u * s @ vt, ru[:, :8] * rs[:8] @ rvt[:8], rtol=0, atol=1e-10)
+    low = torch.from_numpy(rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1])))
+    u, s, vt = qa.top_svd(low, 8)
+    assert (s[3:] == 0).all() and s[2] > 0
+    torch.testing.assert_close(u * s @ vt, low, rtol=0, atol=1e-10)
+
+
+def test_shared_factors_give_the_same_results():
+    """A GptqFactor / HessianRoot made once per activation gives what each linear's own did."""
+    x, w = _data(7)
+    H = _t(x.T @ x / len(x)).double()
+    g = GRIDS["int4"]
+    f = qa.GptqFactor(H)
+    for a, b in zip(qa.gptq(_t(w), H, g), qa.gptq(_t(w), f, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    root = qa.HessianRoot(H)
+    for a, b in zip(qa.low_rank(_t(w), H, 8), qa.low_rank(_t(w), root, 8)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
