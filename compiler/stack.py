@@ -134,12 +134,20 @@ def _candidates(ndim: int) -> tuple[str, ...]:
     return ("id", "f32", "plus1", "plus1_f32") if ndim == 1 else ("id", "T")
 
 
+_HASH_CHUNK = 16 << 20     # bytes hashed at a time from one reused buffer (no whole-tensor copies)
+
+
 def _digest(t) -> str:
     import torch
 
     t = t.contiguous()
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    return hashlib.sha1(raw.numpy().tobytes()).hexdigest() + str(tuple(t.shape)) + str(t.dtype)
+    h = hashlib.sha1(raw.numpy().reshape(-1).view("u1"))    # the tensor's own buffer, not a bytes copy
+    return _digest_key(h, tuple(t.shape), t.dtype)
+
+
+def _digest_key(h, shape: tuple[int, ...], dtype) -> str:
+    return h.hexdigest() + str(tuple(shape)) + str(dtype)
 
 
 def param_index(model) -> dict[str, tuple[str, str]]:
@@ -150,6 +158,36 @@ def param_index(model) -> dict[str, tuple[str, str]]:
         for tf in _candidates(x.ndim):
             idx.setdefault(_digest(TRANSFORMS[tf](x)), (name, tf))
     return idx
+
+
+_ONNX_FLOAT_TORCH = {1: "float32", 10: "float16", 16: "bfloat16"}    # FLOAT_TYPES -> torch dtype names
+
+
+def _init_digest(init, data_dir: Path) -> str:
+    """_digest(tensor_of(init, data_dir)), read from the bytes as stored: external data is hashed
+    from its file through one reused buffer (tensor_of copies a weight three times)."""
+    import os
+
+    import torch
+    from onnx import TensorProto
+
+    kv = {e.key: e.value for e in init.external_data}
+    if init.data_type not in _ONNX_FLOAT_TORCH or init.data_location != TensorProto.EXTERNAL or "length" not in kv:
+        return _digest(tensor_of(init, data_dir))
+    loc = kv.get("location", "")
+    if not loc or Path(loc).name != loc:
+        raise ValueError(f"initializer {init.name}: external data location {loc!r} is not a file name in {data_dir}")
+    length, offset = int(kv["length"]), int(kv.get("offset") or 0)
+    h, buf = hashlib.sha1(), bytearray(min(length, _HASH_CHUNK))
+    with open(data_dir / loc, "rb") as f:
+        done = 0
+        while done < length:
+            n = os.preadv(f.fileno(), [memoryview(buf)[:min(len(buf), length - done)]], offset + done)
+            if n <= 0:
+                raise ValueError(f"initializer {init.name}: {loc} ends before offset {offset} + {length}")
+            h.update(memoryview(buf)[:n])
+            done += n
+    return _digest_key(h, tuple(init.dims), getattr(torch, _ONNX_FLOAT_TORCH[init.data_type]))
 
 
 def tensor_of(init, data_dir: Path):
@@ -181,7 +219,7 @@ def bind_initializers(model_proto, data_dir: Path, index: dict) -> dict[str, tup
     out = {}
     for init in model_proto.graph.initializer:
         if init.data_type in FLOAT_TYPES:
-            hit = index.get(_digest(tensor_of(init, data_dir)))
+            hit = index.get(_init_digest(init, data_dir))
             if hit is not None:
                 out[init.name] = hit
     return out
@@ -266,7 +304,7 @@ def check_siblings(parts: _Parts, graph, bound: dict, kinds: list[tuple], data_d
     lone = []
     for name, t in inits.items():
         if t.data_type in FLOAT_TYPES and name not in bound and readers.get(name):
-            d = _digest(tensor_of(t, data_dir))
+            d = _init_digest(t, data_dir)
             for j in readers[name]:
                 digests[j].add(d)
             if len(readers[name]) == 1:
