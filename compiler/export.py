@@ -275,7 +275,10 @@ def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path, marks: lis
     pos = torch.arange(p, p + s).expand(b, s).contiguous()
     past = [torch.zeros(b, spec.num_kv_heads, p, spec.head_dim, dtype=dtype) for _ in range(2 * L)]
     Dim = torch.export.Dim
-    batch, seq, total = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=cfg.max_seq_len), Dim("total")
+    # total = past + seq: bounded as torch.export proves it is (without the bound, its first attempt
+    # fails a guard and the exporter exports again with this bound: seconds per export)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=cfg.max_seq_len)
+    total = Dim("total", max=2 * cfg.max_seq_len)
     plen = Dim("past", min=0, max=cfg.max_seq_len)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
                tuple({0: batch, 2: plen} for _ in range(2 * L)))
