@@ -15,8 +15,9 @@ Models: smollm2 (the bundled SmolLM2-135M, real weights), tinyllama-1.1b and lla
     .venv/bin/python bench/bench_build.py [--models smollm2,tinyllama-1.1b,llama-3.1-8b]
         [--quant none,int4_awq] [--dtype float16] [--tp-size N] [--models-dir DIR] [--results DIR] [--keep]
 
-Each process of the tree also gets its own peaks (the `trtc build` process, the export child
-`trtc.compiler.export_worker`, each rank's builder child `trtc.compiler.build_worker`), so a
+Each process of the tree also gets its own peaks (the `trtc build` process, the export server
+`trtc.compiler.export_worker (server)` and the export child it forks `... (export child)`, each
+rank's builder child `trtc.compiler.build_worker`), so a
 `--tp-size 2` run shows the per-rank builder peak next to the tree's.
 
 Prints a markdown table; writes it with the machine, date, command and load average, plus JSON
@@ -135,15 +136,44 @@ class StageTracker:
             self.total.wall_s = wall_s
 
 
-def process_name(pid: int) -> str:
-    """What a process of the tree is: the module of `python -m M`, else the program's name."""
+EXPORT_WORKER = "trtc.compiler.export_worker"
+
+
+def _argv(pid: int) -> list[str] | None:
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
-        return "?"
+        return None
+
+
+def _module(argv: list[str]) -> str:
+    """The module of `python -m M`, else the program's name."""
     if "-m" in argv[:-1]:
         return argv[argv.index("-m") + 1]
     return Path(argv[0]).name
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent's pid from /proc/<pid>/stat (its 4th field; the 2nd, the name, may hold spaces)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_name(pid: int) -> str:
+    """What a process of the tree is: the module of `python -m M`, else the program's name. The
+    export server (`python -m trtc.compiler.export_worker`) forks each export child without exec,
+    so a child has the server's argv: a process whose parent runs the same module is its child."""
+    argv = _argv(pid)
+    if argv is None:
+        return "?"
+    what = _module(argv)
+    if what == EXPORT_WORKER:
+        ppid = parent_pid(pid)
+        parent = _argv(ppid) if ppid else None
+        return f"{what} ({'export child' if parent and _module(parent) == EXPORT_WORKER else 'server'})"
+    return what
 
 
 def disk_bytes(paths: list[Path]) -> int:
