@@ -208,15 +208,21 @@ def _run(sess, outputs: list[str], cache_len: list[int], feeds) -> list[np.ndarr
 
 
 def calibrate_by_unit(graph_path: Path, plan: CalibrationPlan, windows: list[np.ndarray], spec: ModelSpec,
-                      max_seq_len: int) -> Iterator[tuple[int, dict[str, ActStats], float]]:
+                      max_seq_len: int, cache_len: int | None = None) -> Iterator[tuple[int, dict[str, ActStats], float]]:
     """Run the rank graph over the windows (batch 1, empty cache) one slice at a time
     (calib_slices.py); yields (unit, statistics of the tensors of `plan` that unit makes, seconds).
     Held at once: one slice's session and weights, the carried tensors of every window
-    ([windows, S, hidden]-sized) and one unit's statistics."""
+    ([windows, S, hidden]-sized) and one unit's statistics. The empty KV caches have `cache_len`
+    positions, default the window length (see `_run`)."""
     import onnx
 
     from .calib_slices import elem_types, slice_model, slices
 
+    top = max(int(w.max()) for w in windows)
+    if top >= spec.vocab_size:
+        raise TrtcError(f"calibration: the tokenizer makes token id {top}, past this model's vocab size "
+                        f"{spec.vocab_size}; the model dir's tokenizer is not the model's own: give it the "
+                        f"model's tokenizer (or --calib-data text whose tokens are all under {spec.vocab_size})")
     model = onnx.load(str(graph_path), load_external_data=False)
     types = elem_types(model)
     parts = slices(model.graph, plan.names)
@@ -229,9 +235,9 @@ def calibrate_by_unit(graph_path: Path, plan: CalibrationPlan, windows: list[np.
         stats = {n: ActStats() for n in s.observed}
         made: dict[str, list[np.ndarray]] = {t: [] for t in s.carried_out}
         graph_inputs = [t for t in s.inputs if t not in carried]
-        cache_len = [len(windows[0]), max_seq_len]
+        lens = [cache_len or len(windows[0]), max_seq_len]
         for k, w in enumerate(windows):
-            for n, x in zip(s.outputs, _run(sess, s.outputs, cache_len, lambda c: {
+            for n, x in zip(s.outputs, _run(sess, s.outputs, lens, lambda c: {
                     **_graph_feeds(graph_inputs, w, types, spec, c),
                     **{t: carried[t][k] for t in s.inputs if t in carried}})):
                 if n in made:

@@ -236,13 +236,14 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
     base_loss = None
     base = mean_abs.clamp_min(1e-8).to(F64)
     x64 = x.to(F64)
+    w64 = [w.to(F64) for w in weights]
     for alpha in alphas:
         s = base ** float(alpha)
         s = s / torch.sqrt(s.max() * s.min())
         xs = (x64 / s).to(F32)
         loss = 0.0
-        for w, r in zip(weights, ref):
-            d = (xs @ qdq(w.to(F64) * s[:, None]).to(F32) - r).to(F64)
+        for w, r in zip(w64, ref):
+            d = (xs @ qdq(w * s[:, None]).to(F32) - r).to(F64)
             loss += float((d * d).sum())
         if alpha == 0.0:
             base_loss = loss
