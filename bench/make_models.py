@@ -4,8 +4,9 @@
     .venv/bin/python bench/make_models.py [--out DIR] [--dtype float16|bfloat16] tinyllama-1.1b llama-3.1-8b
 
 Each dir holds config.json, model-0000N-of-0000M.safetensors shards (at most 2 GB each, HF's
-sharding) with model.safetensors.index.json, and the bundled SmolLM2 tokenizer (packaging only:
-its 49152 ids exceed TinyLlama's vocab of 32000, so these dirs are for build benchmarks, not text).
+sharding) with model.safetensors.index.json, and the bundled SmolLM2 tokenizer, cut to the model's
+vocab where it has more ids (TinyLlama: 32000 of its 49152; `fit_tokenizer`), so that calibration
+text tokenizes into ids the model has (`--quant` on these dirs).
 Parameter names and shapes come from transformers' own LlamaForCausalLM built on the meta device,
 so `AutoModelForCausalLM.from_pretrained` loads the dir with no missing or unexpected keys.
 
@@ -147,6 +148,7 @@ def write_model(name: str, dst: Path, dtype: str = "float16", seed: int = 0) -> 
     marker = dst / MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) == want:
+            fit_tokenizer(dst, want["config"]["vocab_size"])      # dirs written before it cut the tokenizer
             return dst
         raise SystemExit(f"make_models: {dst} holds a different model ({marker}); remove the dir or pass another --out")
     started = dst / (MARKER + ".partial")       # what an interrupted run was writing
@@ -171,8 +173,29 @@ def write_model(name: str, dst: Path, dtype: str = "float16", seed: int = 0) -> 
              "weight_map": {n: files[i] for i, t in enumerate(shards) for n, _ in t}}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     save_tokenizer(resolve_source(DEFAULT_MODEL), dst)
+    fit_tokenizer(dst, want["config"]["vocab_size"])
     started.rename(marker)
     return dst
+
+
+def fit_tokenizer(dst: Path, vocab_size: int) -> None:
+    """Cut the byte-level BPE tokenizer in dst to ids < vocab_size: drop the tokens past it and
+    the merges that make or use them (merges are ranked, so the rest still tokenize any text, only
+    into more pieces). A no-op when every id already fits."""
+    path = dst / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    if max(vocab.values()) < vocab_size and all(a["id"] < vocab_size for a in tok.get("added_tokens", [])):
+        return
+    if any(a["id"] >= vocab_size for a in tok.get("added_tokens", [])):
+        raise SystemExit(f"make_models: the tokenizer's special tokens do not fit a vocab of {vocab_size}")
+    kept = {t: i for t, i in vocab.items() if i < vocab_size}
+    merges = [m for m in tok["model"]["merges"]
+              if all(t in kept for t in (*(m if isinstance(m, list) else m.split(" ")), "".join(m if isinstance(m, list) else m.split(" "))))]
+    tok["model"]["vocab"], tok["model"]["merges"] = kept, merges
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(tok, ensure_ascii=False))
+    tmp.rename(path)
 
 
 def default_root() -> Path:
