@@ -113,15 +113,14 @@ class _Server:
                 raise
 
     def stop(self) -> None:
+        """End the server now: no export is in flight (run() has returned), and a server still
+        importing torch (a user error right after start()) must not delay the caller's exit."""
         try:
             self.proc.stdin.close()          # type: ignore[union-attr]
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.terminate()
+        self.proc.wait()
 
 
 def _kill(pid: int) -> None:
