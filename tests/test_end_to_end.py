@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from factories import FAMILIES, PROMPTS, hf_greedy
+from factories import FAMILIES, PROMPTS, hf_greedy, run_json
 from trtc.cli import main
 
 NEW_TOKENS = 32
@@ -16,15 +16,7 @@ NEW_TOKENS = 32
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_match_transformers(family, tiny_model, tiny_engine):
-    engine = tiny_engine(family)
-    args = ["run", str(engine), "--backend", "onnxruntime", "--json", "--max-new-tokens", str(NEW_TOKENS)]
-    for p in PROMPTS:
-        args += ["--prompt", p]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == PROMPTS
-    ours = [r["token_ids"] for r in rows]
+    ours = run_json(tiny_engine(family), PROMPTS, NEW_TOKENS)
     ref = hf_greedy(tiny_model(family), PROMPTS, NEW_TOKENS)
     assert all(len(r) == NEW_TOKENS for r in ref), "reference stopped early: pick decisive weights"
     assert ours == ref
