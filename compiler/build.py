@@ -27,6 +27,7 @@ from trtc.flavour import Flavour, import_trt, make_logger, sm_number
 from trtc.spec import ModelSpec
 
 from .config import BuildConfig, ExportConfig
+from .direct_io import DirectWriter
 
 
 def check_plugin_kernels(spec: ModelSpec, ecfg: ExportConfig) -> None:
@@ -269,16 +270,20 @@ def _build_from_maps(onnx_path: Path, weights: MappedWeights, spec: ModelSpec, c
         config.add_optimization_profile(p)
     monitor = _progress_monitor(trt, label or engine_path.name)
     config.progress_monitor = monitor
-    # Stream the engine to disk as it is serialized: no second in-memory copy of the engine.
-    with open(engine_path, "wb") as f:
+    # Stream the engine to disk as it is serialized: no second in-memory copy of the engine, and
+    # past the page cache where the file system allows (compiler/direct_io.py says why).
+    f = DirectWriter(engine_path)
+    try:
         writer = _file_writer(trt, f)
         ok = builder.build_serialized_network_to_stream(network, config, writer)
-        if writer.error is None:
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                writer.error = e
+    except BaseException:
+        f.abort()
+        engine_path.unlink(missing_ok=True)
+        raise
+    try:
+        f.close(sync=writer.error is None)
+    except OSError as e:
+        writer.error = writer.error or e
     if writer.error is not None:
         import errno
 
@@ -324,7 +329,7 @@ def _progress_monitor(trt: ModuleType, what: str) -> Any:
     return Progress()
 
 
-def _file_writer(trt: ModuleType, f: IO[bytes]) -> Any:
+def _file_writer(trt: ModuleType, f: IO[bytes] | DirectWriter) -> Any:
     if TYPE_CHECKING:
         from tensorrt import IStreamWriter
     else:
@@ -380,7 +385,9 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
     from trtc.errors import TrtcInternalError
 
     _compile_trtc_once()
-    with tempfile.TemporaryDirectory(prefix="trtc-build-") as cwd:
+    # The worker's dir (where it writes the engine) beside engine_path, on the output's disk: the
+    # engine is then renamed into place, never copied, and never lands in a memory-backed /tmp.
+    with tempfile.TemporaryDirectory(prefix=".trtc-build-", dir=engine_path.parent) as cwd:
         # The same relative names on every build: path lengths shape the builder's allocations.
         with _worker_graph(onnx_path, Path(cwd), engine_path):
             proc, answer = _run_worker(onnx_path, spec, cfg, flavour, engine_path, kv_block_size, Path(cwd))
