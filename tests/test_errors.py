@@ -206,3 +206,20 @@ def test_process_sigterm_during_export_leaves_nothing(tmp_path, tiny_model):
     assert "trtc: error: interrupted" in rest and "Traceback" not in rest
     assert list(scratch.iterdir()) == []
     assert_nothing_written(tmp_path, "out")
+
+
+@pytest.mark.slow
+def test_build_terminal_holds_only_trtc_lines(tmp_path, tiny_model):
+    """A user's `trtc build` (a real process, stderr a pipe as in CI logs): every line on stderr is
+    trtc's own ([trtc] stage and progress lines), none from torch, the exporter, transformers or
+    TensorRT; stdout holds only the output dir. The CLI no longer imports transformers to silence
+    it (environment variables do, before its first import): this checks they still do."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS")}
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "trtc.cli", "build", "--model", str(tiny_model("llama")),
+                          "--target", "sm_89", "--no-cache", "--output", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    foreign = [ln for ln in res.stderr.splitlines() if not ln.startswith("[trtc]")]
+    assert not foreign, res.stderr
+    assert res.stdout.strip() == str(out), res.stdout
