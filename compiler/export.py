@@ -187,15 +187,14 @@ def _trace_stacked(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_
     loaded.adapter.prepare_trace(model, tspec)
     info(f"[trtc]   tracing a {T}-layer template, stacked to {L} layers")
     t0 = time.perf_counter()
-    tdir = out_dir / "template"
-    tpath = _export(model, tspec, cfg, tdir, marks=list(model.get_submodule(layers_path)))
+    tdir = out_dir / "template"     # names where the template's (never written) weights would lie
+    program = _export_program(model, tspec, cfg, marks=list(model.get_submodule(layers_path)))
     info(f"[trtc]   template traced in {time.perf_counter() - t0:.1f} s")
     index = stack.param_index(model)
     aliases = _checkpoint_aliases(model, ckpt)
-    del model
+    proto, bound = stack.bind_program(program.model, index, tdir)
+    del model, program, index
     gc.collect()
-    proto = onnx.load(str(tpath), load_external_data=False)
-    bound = stack.bind_initializers(proto, tdir, index)
     parts = stack.split_nodes(proto.graph, stack._layer_re(layers_path), T)
     stack.check_siblings(parts, proto.graph, bound, kinds, tdir)
     stacker = stack.Stacker(proto, parts, plan, layers_path, bound, aliases)
@@ -260,8 +259,20 @@ def _trace_full(loaded: LoadedModel, spec: ModelSpec, cfg: ExportConfig, out_dir
     return path
 
 
-def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path, marks: list | None = None) -> Path:
+def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path) -> Path:
     """torch.onnx (dynamo) export of `model` to out_dir/traced.onnx with external data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "traced.onnx"
+    program = _export_program(model, spec, cfg)
+    program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    return path
+
+
+def _export_program(model, spec: ModelSpec, cfg: ExportConfig, marks: list | None = None):
+    """torch.onnx (dynamo) export of `model`: the ONNXProgram, in memory (its initializers are the
+    model's tensors). marks: modules whose outputs become graph outputs (the template's layers)."""
     import os
 
     import torch
@@ -282,8 +293,6 @@ def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path, marks: lis
     plen = Dim("past", min=0, max=cfg.max_seq_len)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
                tuple({0: batch, 2: plen} for _ in range(2 * L)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "traced.onnx"
     from .stack import MARK
 
     with torch.no_grad():
@@ -296,7 +305,4 @@ def _export(model, spec: ModelSpec, cfg: ExportConfig, out_dir: Path, marks: lis
         )
     if program is None:
         raise TrtcInternalError("torch.onnx.export returned no program")
-    program.save(str(path), external_data=True)
-    del program
-    gc.collect()
-    return path
+    return program

@@ -225,6 +225,39 @@ def bind_initializers(model_proto, data_dir: Path, index: dict) -> dict[str, tup
     return out
 
 
+_IR_FLOAT_TORCH = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
+
+
+def bind_program(ir_model, index: dict, data_dir: Path):
+    """The exporter's in-memory model as a ModelProto, and its binding (as bind_initializers), without
+    writing the template's weights to disk and reading them back (TinyLlama: 0.44 GB, the 8B shape:
+    2.9 GB, mostly the embedding and lm_head). Each float initializer is hashed where the exporter
+    holds it; one bound to a parameter becomes a placeholder: name, type and dims, its values marked
+    external in a file that is never written (write_weights streams them from the checkpoint, and
+    nothing reads a bound template initializer). The rest (small constants) stay inline. data_dir
+    only names where the placeholders would lie."""
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+
+    bound: dict[str, tuple[str, str]] = {}
+    for name, v in ir_model.graph.initializers.items():
+        t = v.const_value
+        tname = _IR_FLOAT_TORCH.get(t.dtype.name) if t is not None else None
+        if tname is None:
+            continue
+        arr = np.asarray(t.numpy())
+        raw = np.ascontiguousarray(arr).reshape(-1).view("u1")
+        key = _digest_key(hashlib.sha1(raw), tuple(int(d) for d in t.shape), getattr(torch, tname))
+        hit = index.get(key)
+        if hit is None:
+            continue
+        bound[name] = hit
+        v.const_value = ir.ExternalTensor("trtc-template-placeholder.data", 0, raw.nbytes, t.dtype,
+                                          shape=t.shape, name=name, base_dir=str(data_dir))
+    return ir.serde.serialize_model(ir_model), bound
+
+
 # ---- stack
 
 def _layer_re(layers_path: str) -> re.Pattern:
