@@ -161,16 +161,22 @@ class GptqFactor:
     input channels the calibration never excited (`dead`, zero diagonal)."""
 
     def __init__(self, H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> None:
-        H = H.to(F64).clone()
+        # H is not modified. At most two [K, K] float64 matrices besides it are alive at a time
+        # (K = 14336: 1.6 GB each), each dropped as soon as the next step has what it needs.
+        H = H.to(F64)
         k = H.shape[0]
         self.dead = torch.diagonal(H) == 0
-        H[self.dead, self.dead] = 1.0
-        diag = torch.diagonal(H)
+        diag = torch.where(self.dead, 1.0, torch.diagonal(H))     # dead channels count as 1
         self.perm = torch.argsort(-diag, stable=True) if act_order else torch.arange(k, device=H.device)
-        H = H[self.perm][:, self.perm]
-        H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
+        P = H.index_select(0, self.perm).index_select(1, self.perm)
+        P.diagonal()[self.dead[self.perm]] = 1.0
+        P.diagonal().add_(damp * torch.mean(torch.diagonal(P)))
         # U = chol(H^-1)^T through H's own Cholesky factor: half the work of a general inverse
-        self.U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        L = torch.linalg.cholesky(P)
+        del P
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        self.U = torch.linalg.cholesky(Hinv, upper=True)
 
 
 def _round_rows(w: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +269,10 @@ class HessianRoot:
     def __init__(self, H: torch.Tensor, damp: float = 0.01) -> None:
         H = H.to(F64)
         d = damp * max(float(torch.diagonal(H).mean()), 1e-30)
-        L, info = torch.linalg.cholesky_ex(H + d * torch.eye(H.shape[0], dtype=F64, device=H.device))
+        Hd = H.clone()              # H + d I, without a [K, K] identity and a second sum
+        Hd.diagonal().add_(d)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         self.L, self.eig = (L, None) if int(info) == 0 else (None, _damped_eig(H, d))
         self.device = H.device
 

@@ -92,7 +92,12 @@ def quantize_weight(w: np.ndarray, algo: str, grid: Grid, st: ActStats | None,
         clip = qa.clip_search(wt, shared["x"], grid)
     if r.gptq:
         if "gptq" not in shared:
-            shared["gptq"] = qa.GptqFactor(qa.tensor(st.hessian / np.outer(s, s), dev, qa.F64))
+            # the scaled Hessian the low-rank step already made (quant_rewrite puts it in `shared`:
+            # the same expression, so the same values), else made here
+            H = shared.get("hessian")
+            H = st.hessian / np.outer(s, s) if H is None else H
+            shared["gptq"] = qa.GptqFactor(qa.tensor(H, dev, qa.F64))
+            del H
         out = qa.gptq(wt, shared["gptq"], grid, clip=None if not r.clip else clip)
     else:
         out = qa.rtn(wt, grid, clip)
