@@ -198,10 +198,12 @@ def _run(sess, outputs: list[str], cache_len: list[int], feeds) -> list[np.ndarr
     a fraction of the attention's cost: SmolLM2's calibration at max_seq_len 2048 took twice as
     long. A slice that refuses them (a graph whose shapes fix the cache length) runs with the
     full length, and so do the slice's later windows (cache_len is updated)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
     while True:
         try:
             return sess.run(outputs, feeds(cache_len[0]))
-        except Exception:           # ONNX Runtime's shape errors have no common public type
+        except (Fail, InvalidArgument, RuntimeException):   # a shape refused; nothing else is retried
             if len(cache_len) == 1:
                 raise
             cache_len.pop(0)

@@ -72,3 +72,48 @@ def test_token_ids_past_the_vocab_are_a_user_error(calib_setup):
     bad[2][5] = spec.vocab_size + 7
     with pytest.raises(TrtcError, match=f"token id {spec.vocab_size + 7}.*vocab size {spec.vocab_size}"):
         next(calibrate_by_unit(src, plan, bad, spec, MAX_SEQ))
+
+
+def _fixed_cache_session():
+    """A real ONNX Runtime session whose cache input has a fixed length (4): shorter caches are
+    refused, as a slice whose shapes fix the cache length refuses them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("ReduceSum", ["past"], ["y"], keepdims=0)], "g",
+                          [helper.make_tensor_value_info("past", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def test_a_refused_short_cache_falls_back_to_the_full_length():
+    from trtc.compiler.calibrate import _run
+
+    sess = _fixed_cache_session()
+    lens = [2, 4]
+    out = _run(sess, ["y"], lens, lambda n: {"past": np.ones((1, n), np.float32)})
+    assert float(out[0]) == 4.0 and lens == [4]          # later windows go straight to the full length
+
+
+def test_only_onnx_runtime_refusals_are_retried():
+    """A bug in the feeds (or anything not raised by ONNX Runtime) surfaces at once, and a refusal
+    at the full length is raised, not swallowed."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from trtc.compiler.calibrate import _run
+
+    sess = _fixed_cache_session()
+    calls = []
+
+    def bad(n):
+        calls.append(n)
+        raise KeyError("feeds bug")
+
+    with pytest.raises(KeyError):
+        _run(sess, ["y"], [2, 4], bad)
+    assert calls == [2]
+    with pytest.raises(InvalidArgument):
+        _run(sess, ["y"], [3], lambda n: {"past": np.ones((1, n), np.float32)})
