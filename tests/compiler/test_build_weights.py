@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from trtc.compiler.build import MappedWeights, _parse_with_mapped_weights, external_tensors
+from trtc.compiler.mapped_weights import MappedWeights, _parse_with_mapped_weights, external_tensors
 from trtc.errors import TrtcError
 
 H, F = 16, 24

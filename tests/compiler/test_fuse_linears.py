@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from trtc import artifact as art
 from trtc.compiler import fuse_linears
-from trtc.compiler.build import MappedWeights, _parse_with_mapped_weights
+from trtc.compiler.mapped_weights import MappedWeights, _parse_with_mapped_weights
 
 H = 16
 
