@@ -259,19 +259,22 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
     """build_engine in a child process without address-space randomization, with a fixed
     environment and working dir (build_worker.py says why). Returns the profiles and whether the
     build is reproducible (the flavour and the sandbox both allow it)."""
-    import shutil
     import tempfile
 
     from trtc import typed_json
     from trtc.errors import TrtcInternalError
 
     _compile_trtc_once()
-    # The worker's dir (where it writes the engine) beside engine_path, on the output's disk: the
-    # engine is then renamed into place, never copied, and never lands in a memory-backed /tmp.
-    with tempfile.TemporaryDirectory(prefix=".trtc-build-", dir=engine_path.parent) as cwd:
-        # The same relative names on every build: path lengths shape the builder's allocations.
-        with _worker_graph(onnx_path, Path(cwd), engine_path):
-            proc, answer = _run_worker(onnx_path, spec, cfg, flavour, engine_path, kv_block_size, Path(cwd))
+    engine_path.unlink(missing_ok=True)
+    try:
+        # The same short dir and relative names on every build: path lengths shape the builder's
+        # allocations (docs/reproducible-builds.md), so the worker runs in a fixed-length temp dir.
+        # Its "engine.plan" is a link to engine_path: the engine's bytes go straight to the output's
+        # disk, never into the system temp dir (often memory-backed on CI runners) and never copied.
+        with tempfile.TemporaryDirectory(prefix="trtc-build-") as cwd:
+            os.symlink(engine_path.resolve(), Path(cwd) / "engine.plan")
+            with _worker_graph(onnx_path, Path(cwd), engine_path):
+                proc, answer = _run_worker(onnx_path, spec, cfg, flavour, engine_path, kv_block_size, Path(cwd))
         if "error" in answer:
             raise TrtcError(answer["error"])
         if proc.returncode != 0 or "profiles" not in answer:
@@ -281,9 +284,13 @@ def build_engine_isolated(onnx_path: Path, spec: ModelSpec, cfg: BuildConfig, fl
                                 f"or build on a larger machine")
             raise TrtcInternalError(f"the TensorRT build of {engine_path.name} failed (exit {proc.returncode}); "
                                     f"its traceback is above")
-        shutil.move(str(Path(cwd) / "engine.plan"), str(engine_path))
-        if "sha256" in answer:     # hashed by the worker as it wrote: still valid after a rename, not a copy
-            art.record_sha256(engine_path, answer["sha256"], answer["identity"])
+        if not engine_path.is_file():
+            raise TrtcInternalError(f"the TensorRT build worker reported success but wrote no {engine_path.name}")
+    except BaseException:
+        engine_path.unlink(missing_ok=True)      # no half-written engine, even inside the output's temp dir
+        raise
+    if "sha256" in answer:     # hashed by the worker as it wrote, keyed on the file's identity
+        art.record_sha256(engine_path, answer["sha256"], answer["identity"])
     profiles = [typed_json.from_json(Profile, p, "build worker") for p in answer["profiles"]]
     return profiles, bool(flavour.reproducible and answer.get("aslr_off"))
 
