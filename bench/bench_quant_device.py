@@ -12,6 +12,12 @@ the shapes, not the values.
     python bench/bench_quant_device.py --devices cpu            # here
     python bench/bench_quant_device.py --devices cpu,cuda       # on a GPU machine: times both, compares
     python bench/bench_quant_device.py --layers 2 --devices cpu # quick
+    python bench/bench_quant_device.py --shape llama-8b --layers 1 --devices cpu   # one 8B-shaped layer
+    python bench/bench_quant_device.py ... --root OTHER_CHECKOUT  # another version of trtc, side by side
+
+`--shape llama-8b` is Llama-3.1-8B's layer (4096 hidden, 1024 KV, 14336 intermediate, group 128);
+its Hessians come from 2048 synthetic rows (the SmolLM2 shape keeps its 4096 rows and digest).
+Each linear group shares one GPTQ factor and Hessian root, as quant_rewrite does.
 """
 
 from __future__ import annotations
@@ -29,15 +35,22 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-HIDDEN, KV, INTER, LAYERS, GROUP, RANK = 576, 192, 1536, 30, 64, 64
+LAYERS, RANK = 30, 64
+# hidden, kv, intermediate, group, rows of the synthetic Hessian
+SHAPES = {"smollm2-135m": (576, 192, 1536, 64, 4096), "llama-8b": (4096, 1024, 14336, 128, 2048)}
+HIDDEN, KV, INTER, GROUP, HROWS = SHAPES["smollm2-135m"]
 
 
-def _import_trtc():
-    """trtc.compiler from this checkout (installed editable here; mapped by path elsewhere)."""
+def _import_trtc(root: Path | None = None):
+    """trtc.compiler from this checkout (installed editable here; mapped by path elsewhere), or
+    from `root` (another checkout) when given."""
     try:
+        if root is not None:
+            raise ImportError
         import trtc.compiler.quant_recipes  # noqa: F401
     except ImportError:
-        for name, path in (("trtc", ROOT / "trtc"), ("trtc.compiler", ROOT / "compiler")):
+        root = root or ROOT
+        for name, path in (("trtc", root / "trtc"), ("trtc.compiler", root / "compiler")):
             m = types.ModuleType(name)
             m.__path__ = [str(path)]
             sys.modules[name] = m
@@ -52,7 +65,8 @@ class Stats:
         self.rows = [x[:rows]]
         self.abs_sum = np.abs(x).sum(0)
         self.count = len(x)
-        self.hessian = (x.T.astype(np.float64) @ x).astype(np.float32) / len(x)
+        x64 = x.astype(np.float64) if x.shape[1] <= 4096 else x    # float32 above: 8B's 14336 channels
+        self.hessian = (x64.T @ x64).astype(np.float32) / len(x)
 
 
 def layer_data(layer: int) -> list[tuple[Stats, list[np.ndarray]]]:
@@ -60,7 +74,7 @@ def layer_data(layer: int) -> list[tuple[Stats, list[np.ndarray]]]:
     rng = np.random.default_rng(1000 + layer)
     out = []
     for k, ns in ((HIDDEN, (HIDDEN, KV, KV)), (HIDDEN, (HIDDEN,)), (HIDDEN, (INTER, INTER)), (INTER, (HIDDEN,))):
-        x = rng.standard_normal((4096, 16)) @ rng.standard_normal((16, k)) + 0.3 * rng.standard_normal((4096, k))
+        x = rng.standard_normal((HROWS, 16)) @ rng.standard_normal((16, k)) + 0.3 * rng.standard_normal((HROWS, k))
         x[:, :8] *= 20.0                                     # salient channels, as in real LLMs
         ws = [(rng.standard_normal((k, n)) * 0.05).astype(np.float32) for n in ns]
         out.append((Stats(x.astype(np.float32)), ws))
@@ -71,7 +85,7 @@ def run(qr, qa, layers: int) -> tuple[dict, list]:
     """The int4_awq recipe as quant_rewrite applies it (minus the graph): per group the AWQ search,
     per linear clipping + GPTQ and the low-rank factors. Returns times and the results."""
     grid = qr.grid_of("int4_awq", GROUP)
-    t = {"awq": 0.0, "clip+gptq": 0.0, "low_rank": 0.0}
+    t = {"awq": 0.0, "clip+gptq": 0.0, "low_rank": 0.0, "error_ratio": 0.0}
     results = []
     for layer in range(layers):
         for st, ws in layer_data(layer):
@@ -80,11 +94,12 @@ def run(qr, qa, layers: int) -> tuple[dict, list]:
             t1 = time.perf_counter()
             H = st.hessian / np.outer(s, s)
             eig = qr.hessian_root(H)
+            shared = {"hessian": H}                   # GPTQ's factor made once per group, as quant_rewrite does
             t["low_rank"] += time.perf_counter() - t1
             for w in ws:
                 ws_ = w * s[:, None]
                 t2 = time.perf_counter()
-                q, sc, lo = qr.quantize_weight(ws_, "int4_awq", grid, st, s)
+                q, sc, lo = qr.quantize_weight(ws_, "int4_awq", grid, st, s, shared)
                 t3 = time.perf_counter()
                 e = ws_ - qr.dequantize(q, grid, sc, lo)
                 a, b = qr.low_rank(e, eig, RANK)
@@ -92,8 +107,12 @@ def run(qr, qa, layers: int) -> tuple[dict, list]:
                 ratio = qr.error_ratio(e, a, b, H)     # output error left by the correction
                 t["clip+gptq"] += t3 - t2
                 t["low_rank"] += t4 - t3
+                t["error_ratio"] += time.perf_counter() - t4
                 results.append((alpha, q.astype(np.int8), ratio))
+                print(f"  group K={w.shape[0]} N={w.shape[1]}: gptq {t3 - t2:.1f} s, low rank {t4 - t3:.1f} s",
+                      file=sys.stderr, flush=True)
             t["awq"] += t1 - t0
+            del shared, eig, H
     return t, results
 
 
@@ -122,16 +141,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", default="cpu")
     ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--shape", choices=SHAPES, default="smollm2-135m")
+    ap.add_argument("--root", type=Path, help="import trtc from this checkout instead (old vs new)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the one-layer warm-up run (CPU only)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    qa, qr = _import_trtc()
+    global HIDDEN, KV, INTER, GROUP, HROWS
+    HIDDEN, KV, INTER, GROUP, HROWS = SHAPES[args.shape]
+    qa, qr = _import_trtc(args.root)
     import torch
     rows, res = [], {}
     for dev in args.devices.split(","):
         os.environ["TRTC_QUANT_DEVICE"] = dev
         with qa.cpu_threads():                              # as the quantize stage runs it
             threads = torch.get_num_threads()
-            run(qr, qa, 1)                                  # warm-up (CUDA context, kernels)
+            if not args.no_warmup:
+                run(qr, qa, 1)                              # warm-up (CUDA context, kernels)
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -140,7 +165,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else f"{platform.machine()}, {threads} threads"
-        row = {"device": dev, "name": name, "layers": args.layers, "linears": len(res[dev]), "wall_s": round(wall, 1),
+        row = {"device": dev, "name": name, "shape": args.shape, "trtc": str(args.root or ROOT), "layers": args.layers, "linears": len(res[dev]), "wall_s": round(wall, 1),
                **{k + "_s": round(v, 1) for k, v in t.items()}, "digest": digest(res[dev]),
                "torch": torch.__version__, "numpy": np.__version__}
         rows.append(row)

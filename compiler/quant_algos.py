@@ -160,7 +160,7 @@ class GptqFactor:
     the act-order permutation, the upper Cholesky factor U of the damped, permuted H^-1, and the
     input channels the calibration never excited (`dead`, zero diagonal)."""
 
-    def __init__(self, H: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> None:
+    def __init__(self, H: torch.Tensor, damp: float = 0.01, act_order: bool = True, block: int = 1024) -> None:
         # H is not modified. At most two [K, K] float64 matrices besides it are alive at a time
         # (K = 14336: 1.6 GB each), each dropped as soon as the next step has what it needs.
         H = H.to(F64)
@@ -168,15 +168,41 @@ class GptqFactor:
         self.dead = torch.diagonal(H) == 0
         diag = torch.where(self.dead, 1.0, torch.diagonal(H))     # dead channels count as 1
         self.perm = torch.argsort(-diag, stable=True) if act_order else torch.arange(k, device=H.device)
-        P = H.index_select(0, self.perm).index_select(1, self.perm)
-        P.diagonal()[self.dead[self.perm]] = 1.0
-        P.diagonal().add_(damp * torch.mean(torch.diagonal(P)))
-        # U = chol(H^-1)^T through H's own Cholesky factor: half the work of a general inverse
-        L = torch.linalg.cholesky(P)
-        del P
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        self.U = torch.linalg.cholesky(Hinv, upper=True)
+        # U without inverting P = H[perm][:, perm] whole: with J the order reversal and
+        # J P J = L L^T (Cholesky of P in reversed order), P^-1 = (J L^-1 J)^T (J L^-1 J) and
+        # J L^-1 J is upper triangular, so it is U. One Cholesky and one triangular inverse:
+        # half the work of Cholesky + cholesky_inverse + Cholesky (the same U to ~1e-12).
+        rev = self.perm.flip(0)
+        L = H.index_select(0, rev).index_select(1, rev)
+        L.diagonal()[self.dead[rev]] = 1.0
+        L.diagonal().add_(damp * torch.mean(torch.diagonal(L)))
+        L = torch.linalg.cholesky(L)
+        self.U = _flipped_tril_inverse(L, block)
+
+
+def _flipped_tril_inverse(L: torch.Tensor, block: int) -> torch.Tensor:
+    """J L^-1 J for a lower triangular L [K, K] (J: reversal), one block of L^-1's columns at a
+    time by blocked forward substitution: column block c is zero above its diagonal block, and its
+    row block b below is -D_b^-1 (L[b, c:b] @ X[c:b]) with D_b^-1 the inverse of L's diagonal block.
+    The products read L through views (a triangular solve on a trailing sub-matrix would copy it:
+    1.6 GB at K = 14336), so it holds L, the result and one [K, block] panel."""
+    k = L.shape[0]
+    U = torch.zeros_like(L)
+    starts = list(range(0, k, block))
+    dinv = []
+    for b0 in starts:
+        b1 = min(b0 + block, k)
+        eye = torch.eye(b1 - b0, dtype=L.dtype, device=L.device)
+        dinv.append(torch.linalg.solve_triangular(L[b0:b1, b0:b1].contiguous(), eye, upper=False))
+    for ci, j0 in enumerate(starts):
+        j1 = min(j0 + block, k)
+        X = torch.empty((k - j0, j1 - j0), dtype=L.dtype, device=L.device)      # (L^-1)[j0:, j0:j1]
+        X[: j1 - j0] = dinv[ci]
+        for bi in range(ci + 1, len(starts)):
+            b0, b1 = starts[bi], min(starts[bi] + block, k)
+            X[b0 - j0: b1 - j0] = -(dinv[bi] @ (L[b0:b1, j0:b0] @ X[: b0 - j0]))
+        U[: k - j0, k - j1: k - j0] = X.flip((0, 1))
+    return U
 
 
 def _round_rows(w: torch.Tensor, grid: Grid, s: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
@@ -233,23 +259,24 @@ def awq_scales(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tens
     """Per-input-channel scales s [K] for the MatMuls sharing activation rows x [R, K]; `qdq`
     quantizes and dequantizes a [K, N] weight. s = mean|x|^alpha, alpha searched to minimise
     sum ||x W - (x/s) qdq(diag(s) W)||^2; alpha = 0 is plain rounding, so the search never does
-    worse than it on the calibration rows. The scales and the rounding are float64 (as numpy
-    promoted them); the [R, K] x [K, N] products are float32 like the reference x W was (half the
-    time of float64; the losses move by ~1e-6 relative, far below the steps between alphas).
+    worse than it on the calibration rows. The scales are float64 (as numpy promoted them); the
+    scaled weight is rounded in float32, as the graph's weight (`w * s` in float32) will be, and the
+    [R, K] x [K, N] products are float32 like the reference x W (half the time of float64; the
+    losses move by ~1e-6 relative, far below the steps between alphas).
     Returns (s float32, alpha, loss ratio vs alpha = 0)."""
     ref = [x @ w for w in weights]
     best = (None, 0.0, float("inf"))
     base_loss = None
     base = mean_abs.clamp_min(1e-8).to(F64)
     x64 = x.to(F64)
-    w64 = [w.to(F64) for w in weights]
     for alpha in alphas:
         s = base ** float(alpha)
         s = s / torch.sqrt(s.max() * s.min())
         xs = (x64 / s).to(F32)
+        s32 = s.to(F32)[:, None]
         loss = 0.0
-        for w, r in zip(w64, ref):
-            d = (xs @ qdq(w * s[:, None]).to(F32) - r).to(F64)
+        for w, r in zip(weights, ref):
+            d = (xs @ qdq(w * s32) - r).to(F64)
             loss += float((d * d).sum())
         if alpha == 0.0:
             base_loss = loss
@@ -283,6 +310,13 @@ class HessianRoot:
         lam, V = self.eig
         return torch.sqrt(lam)[:, None] * (V.T @ e)
 
+    def r(self, z: torch.Tensor) -> torch.Tensor:
+        """R z."""
+        if self.L is not None:
+            return self.L @ z
+        lam, V = self.eig
+        return V @ (torch.sqrt(lam)[:, None] * z)
+
     def rt_solve(self, u: torch.Tensor) -> torch.Tensor:
         """R^-T u."""
         if self.L is not None:
@@ -296,16 +330,51 @@ def _damped_eig(H: torch.Tensor, d: float) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.clamp_min(0.0) + d, V
 
 
+# Above this many rows and columns (both), `low_rank` takes the top singular triplets by randomized
+# subspace iteration without ever forming R^T e (Halko, Martinsson, Tropp 2011, alg. 4.4): for an
+# 8B down_proj (K = 14336, N = 4096) R^T e alone is a 0.8 TFLOP float64 product, then a [4096, 4096]
+# Gram matrix and its eigh; the iteration needs [K, r + 16]-wide products only. At or below it
+# (SmolLM2's 576 / 1536) the exact route stays: the same factors as before, bit for bit.
+LOW_RANK_EXACT_MAX = 1024
+LOW_RANK_OVERSAMPLE, LOW_RANK_POWER_ITERS = 16, 6
+
+
 def low_rank(e: torch.Tensor, H: torch.Tensor | HessianRoot, r: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors A [K, r], B [r, N] (float32) of the rank-r C minimising E_x ||x (e - C)||^2 =
     tr((e - C)^T H (e - C)) = ||R^T (e - C)||^2 for a weight error e [K, N] and input Hessian
     H = E[x^T x] = R R^T (damped, `HessianRoot`): C = R^-T trunc_r(R^T e). `H` may be a
     HessianRoot (linears sharing an input share it)."""
     root_h = H if isinstance(H, HessianRoot) else HessianRoot(H, damp)
-    U, S, Vt = top_svd(root_h.rt(e.to(F64)), r)
+    e = e.to(F64)
+    if min(e.shape) > LOW_RANK_EXACT_MAX:
+        U, S, Vt = randomized_svd(lambda y: root_h.rt(e @ y), lambda z: e.T @ root_h.r(z), e.shape, r, e.device)
+    else:
+        U, S, Vt = top_svd(root_h.rt(e), r)
     root = torch.sqrt(S)           # split evenly, so neither factor's values are extreme in fp16
     A = root_h.rt_solve(U * root)
     return A.to(F32), (root[:, None] * Vt).to(F32)
+
+
+def randomized_svd(matmul, rmatmul, shape: tuple[int, int], r: int, dev: torch.device, oversample: int = LOW_RANK_OVERSAMPLE,
+                   iters: int = LOW_RANK_POWER_ITERS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r leading singular triplets (U [K, r], S [r], Vt [r, N]) of an M [K, N] known only
+    through `matmul(Y) = M @ Y` and `rmatmul(Z) = M^T @ Z` (float64): randomized subspace
+    iteration with `iters` power steps, re-orthonormalised at each step. The test matrix comes
+    from a fixed seed, so a build is reproducible. On int4 rounding errors in a Hessian's metric the
+    squared residual ||M - U S Vt||^2 is within 0.02-0.2% of the exact truncation's
+    (tests/compiler/test_quant_algos_torch.py), and equal to 1e-9 where the spectrum decays fast."""
+    k, n = shape
+    r = min(r, k, n)
+    width = min(r + oversample, k, n)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    omega = torch.randn((n, width), generator=gen, dtype=F64)
+    Q = torch.linalg.qr(matmul(omega.to(dev))).Q
+    for _ in range(iters):
+        Z = torch.linalg.qr(rmatmul(Q)).Q
+        Q = torch.linalg.qr(matmul(Z)).Q
+    B = rmatmul(Q).T                                            # Q^T M [width, N]
+    Ub, S, Vt = torch.linalg.svd(B, full_matrices=False)
+    return Q @ Ub[:, :r], S[:r], Vt[:r]
 
 
 def top_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
